@@ -1,0 +1,148 @@
+"""Configuration from the environment (and `.env`), validated once at start-up.
+
+Every key has a default that runs on a developer machine; a malformed value
+raises ConfigError naming the key, so a bad deploy fails before it serves or
+works a single job.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from app.errors import ConfigError
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def parse_bool(key: str, raw: str) -> bool:
+    """Accept 1/0/true/false/yes/no/on/off (any case)."""
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{key}: expected a boolean (1/0/true/false/yes/no), got {raw!r}")
+
+
+def _int_parser(low: int | None = None, high: int | None = None) -> Callable[[str, str], int]:
+    def parse(key: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {raw!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ConfigError(f"{key}: {value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
+def _float_parser(low: float = 0.0) -> Callable[[str, str], float]:
+    def parse(key: str, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
+        if value < low:
+            raise ConfigError(f"{key}: must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _optional_float(key: str, raw: str) -> float | None:
+    return None if raw.strip() == "" else _float_parser(0.001)(key, raw)
+
+
+def _str(key: str, raw: str) -> str:
+    return raw
+
+
+def _optional_str(key: str, raw: str) -> str | None:
+    return raw or None
+
+
+def _intervals(key: str, raw: str) -> list[int]:
+    try:
+        values = [int(part) for part in raw.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ConfigError(f"{key}: expected comma-separated seconds, got {raw!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ConfigError(f"{key}: expected positive seconds, got {raw!r}")
+    return values
+
+
+def _url(schemes: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(key: str, raw: str) -> str:
+        parts = urlsplit(raw.strip())
+        if parts.scheme not in schemes or not parts.netloc:
+            raise ConfigError(f"{key}: expected a {'/'.join(schemes)} URL, got {raw!r}")
+        return raw.strip().rstrip("/")
+
+    return parse
+
+
+# key: (parser, default as an environment string, aliases)
+SPEC: dict[str, tuple[Callable[[str, str], Any], str, tuple[str, ...]]] = {
+    "MAIL_SERVER": (_str, "localhost", ()),
+    "MAIL_PORT": (_int_parser(1, 65535), "25", ()),
+    "MAIL_USE_TLS": (parse_bool, "false", ()),
+    "MAIL_USE_SSL": (parse_bool, "false", ()),
+    "MAIL_USERNAME": (_optional_str, "", ()),
+    "MAIL_PASSWORD": (_optional_str, "", ()),
+    "MAIL_DEFAULT_SENDER": (_str, "mailqueue <mailqueue@localhost>", ("FLASK_MAIL_SENDER",)),
+    "MAIL_SUBJECT_PREFIX": (_str, "", ("FLASK_MAIL_SUBJECT_PREFIX",)),
+    # Flask-Mail has no SMTP timeout (flask-mail #114); ours bounds connect and every reply.
+    "MAIL_TIMEOUT": (_float_parser(0.1), "30", ()),
+    # A worker keeps one SMTP connection open; it is dropped after this many idle seconds.
+    "MAIL_IDLE_TIMEOUT": (_float_parser(0.0), "30", ()),
+    "MAIL_STATUS_TTL": (_int_parser(60), str(7 * 24 * 3600), ()),
+    "MAIL_JOB_TIMEOUT": (_int_parser(5), "90", ()),
+    # Seconds between retries of a transient failure; the count is the number of retries.
+    # The default rides out a provider outage of about an hour.
+    "MAIL_RETRY_INTERVALS": (_intervals, "15,30,60,120,300,600,900,1200,1200", ()),
+    "MAIL_MAX_PER_SECOND": (_optional_float, "", ()),
+    "MAIL_MAX_CONTEXT_BYTES": (_int_parser(1024), str(256 * 1024), ()),
+    "MAIL_MAX_RECIPIENTS": (_int_parser(1, 1000), "50", ()),
+    "MAX_CONTENT_LENGTH": (_int_parser(1024), str(1024 * 1024), ()),
+    "REDIS_URL": (_url(("redis", "rediss", "unix")), "redis://localhost:6379/0", ()),
+    "SECRET_KEY": (_optional_str, "", ()),
+    "API_TOKEN": (_optional_str, "", ()),
+    "PUBLIC_URL": (_url(("http", "https")), "http://localhost:5000", ()),
+    "WORKER_MAINTENANCE_INTERVAL": (_int_parser(5, 600), "60", ()),
+}
+
+
+def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Read and validate every key in SPEC; raise ConfigError on the first bad one."""
+    config: dict[str, Any] = {}
+    for key, (parse, default, aliases) in SPEC.items():
+        raw = environ.get(key)
+        for alias in aliases:
+            if raw is None:
+                raw = environ.get(alias)
+        config[key] = parse(key, default if raw is None else raw)
+    return config
+
+
+def check(config: Mapping[str, Any]) -> None:
+    """Cross-key checks that apply whatever the source of the values."""
+    if config.get("MAIL_USE_TLS") and config.get("MAIL_USE_SSL"):
+        raise ConfigError("MAIL_USE_TLS and MAIL_USE_SSL: turn on one, not both")
+    if bool(config.get("MAIL_USERNAME")) != bool(config.get("MAIL_PASSWORD")):
+        raise ConfigError("MAIL_USERNAME and MAIL_PASSWORD: set both or neither")
+    for key in ("MAIL_DEFAULT_SENDER", "MAIL_SUBJECT_PREFIX"):
+        value = config.get(key) or ""
+        if "\r" in value or "\n" in value:
+            raise ConfigError(f"{key}: must not contain CR or LF")
+
+
+def load_dotenv_file() -> None:
+    """Load `.env` from the working directory without overriding the real environment."""
+    from dotenv import load_dotenv
+
+    load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)

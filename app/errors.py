@@ -1,0 +1,67 @@
+"""Every exception mailqueue raises, in one place."""
+
+from __future__ import annotations
+
+
+class MailQueueError(Exception):
+    """Base class for mailqueue's own errors."""
+
+
+class ConfigError(MailQueueError):
+    """A configuration value is malformed; the message names the key."""
+
+
+class InvalidMailError(MailQueueError, ValueError):
+    """`send_email` refused its input; nothing was enqueued. `field` names the culprit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class InvalidAddressError(InvalidMailError):
+    """An address is malformed, non-ASCII, or carries a header break."""
+
+
+class HeaderInjectionError(InvalidMailError):
+    """A header value contains CR or LF."""
+
+
+class TemplateNotFoundError(InvalidMailError):
+    """The template name is unsafe or names no `templates/email/<name>.txt`."""
+
+
+class InvalidContextError(InvalidMailError):
+    """The context is not JSON-serialisable, too deep or too large."""
+
+
+class InvalidScheduleError(InvalidMailError):
+    """`send_at`/`delay` is malformed or contradictory."""
+
+
+class QueueUnavailableError(MailQueueError):
+    """Redis could not be reached; nothing was enqueued."""
+
+
+class DeliveryError(MailQueueError):
+    """Delivery of one mail failed; `permanent` says whether retrying can help."""
+
+    permanent = False
+
+    def __init__(self, message: str, refused: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.refused = refused or {}
+
+
+class TransientDeliveryError(DeliveryError):
+    """Connection trouble, a timeout or a 4xx reply: retried with backoff."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """A 5xx reply (every recipient refused, bad sender, auth rejected): fails at once."""
+
+    permanent = True
+
+
+class MailInFlightError(TransientDeliveryError):
+    """Another worker holds this mail's delivery lease; try again later."""

@@ -1,0 +1,306 @@
+"""The public mail API: `send_email` validates and enqueues, `render_email` renders.
+
+The web process only validates and enqueues (one pipelined Redis round trip);
+the worker renders and delivers (jobs/mail.py). Everything a job needs is
+plain JSON in the mail record (app/status.py).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import formataddr, parseaddr
+from typing import Any
+
+import redis.exceptions
+from email_validator import EmailNotValidError, validate_email
+from flask import current_app, render_template
+from flask_mail import Message
+from jinja2 import TemplateNotFound
+from rq import Retry
+from rq.job import Job
+
+from app import status
+from app.errors import (
+    HeaderInjectionError,
+    InvalidAddressError,
+    InvalidContextError,
+    InvalidMailError,
+    InvalidScheduleError,
+    QueueUnavailableError,
+    TemplateNotFoundError,
+)
+from app.queues import MAIL_QUEUE, get_queue, get_redis
+
+DELIVER_JOB = "jobs.mail.deliver"
+TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}(/[a-z0-9][a-z0-9_-]{0,63}){0,3}$")
+MAX_CONTEXT_DEPTH = 20
+MAX_SUBJECT_LENGTH = 998  # RFC 5322 line limit
+
+
+@dataclass
+class RenderedEmail:
+    text: str
+    html: str | None
+
+
+def render_email(template: str, **context: Any) -> RenderedEmail:
+    """Render `email/<template>.txt` and, if present, `.html` (the one template helper).
+
+    Needs an app context, not a request: links come out absolute from PUBLIC_URL.
+    """
+    text = render_template(f"email/{template}.txt", **context)
+    try:
+        html: str | None = render_template(f"email/{template}.html", **context)
+    except TemplateNotFound:
+        html = None
+    return RenderedEmail(text=text, html=html)
+
+
+class MailMessage(Message):
+    """Flask-Mail's Message, but text + html without attachments is a top-level
+    multipart/alternative (Flask-Mail wraps it in a needless multipart/mixed)."""
+
+    def _message(self) -> Any:
+        outer = super()._message()
+        parts = outer.get_payload()
+        if (
+            outer.get_content_type() == "multipart/mixed"
+            and len(parts) == 1
+            and parts[0].get_content_type() == "multipart/alternative"
+        ):
+            inner = parts[0]
+            for name, value in outer.items():
+                if name.lower() not in ("content-type", "mime-version"):
+                    inner[name] = value
+            inner.policy = outer.policy
+            return inner
+        return outer
+
+
+def build_message(record: status.MailRecord) -> Message:
+    """The Flask-Mail Message for a record: prefix, sender, stable Message-ID, both parts."""
+    config = current_app.config
+    rendered = render_email(record.template, **record.context)
+    prefix = config["MAIL_SUBJECT_PREFIX"]
+    message = MailMessage(
+        subject=f"{prefix} {record.subject}" if prefix else record.subject,
+        recipients=list(record.to),
+        body=rendered.text,
+        html=rendered.html,
+        sender=config["MAIL_DEFAULT_SENDER"],
+        extra_headers=dict(record.headers) or None,
+    )
+    message.msgId = message_id(record.id, config["MAIL_DEFAULT_SENDER"])
+    return message
+
+
+def message_id(mail_id: str, sender: str) -> str:
+    """`<id@sender-domain>`: the same on every attempt, so duplicates are recognisable."""
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "mailqueue.invalid"
+    return f"<{mail_id}@{domain}>"
+
+
+def send_email(
+    to: str | Iterable[str],
+    subject: str,
+    template: str,
+    *,
+    send_at: datetime | None = None,
+    delay: timedelta | float | None = None,
+    **context: Any,
+) -> Job:
+    """Validate a mail and enqueue it on the `mail` queue; return its RQ job.
+
+    The job id is the mail id (see app.status). `send_at` must be timezone-aware;
+    `delay` is a timedelta or seconds. Raises an InvalidMailError (a ValueError)
+    naming the problem, or QueueUnavailableError when Redis is down; either way
+    nothing is enqueued.
+    """
+    record = prepare(to, subject, template, context, send_at=send_at, delay=delay)
+    return enqueue([record])[0]
+
+
+def prepare(
+    to: str | Iterable[str],
+    subject: str,
+    template: str,
+    context: Mapping[str, Any],
+    *,
+    send_at: datetime | None = None,
+    delay: timedelta | float | None = None,
+    headers: Mapping[str, str] | None = None,
+    kind: str = "mail",
+    mail_id: str | None = None,
+) -> status.MailRecord:
+    """Validate everything about one mail and return its (unsaved) record."""
+    config = current_app.config
+    recipients = validate_recipients(to, config["MAIL_MAX_RECIPIENTS"])
+    if not isinstance(subject, str) or not subject.strip():
+        raise InvalidMailError("subject", "must be a non-empty string")
+    check_header("subject", subject)
+    if len(subject) > MAX_SUBJECT_LENGTH:
+        raise InvalidMailError("subject", f"longer than {MAX_SUBJECT_LENGTH} characters")
+    check_template(template)
+    context = validate_context(context, config["MAIL_MAX_CONTEXT_BYTES"])
+    for name, value in (headers or {}).items():
+        check_header(f"header {name}", value)
+    when = resolve_send_at(send_at, delay)
+    return status.MailRecord(
+        id=mail_id or status.new_id(),
+        to=recipients,
+        subject=subject,
+        template=template,
+        context=context,
+        status=status.SCHEDULED if when else status.QUEUED,
+        kind=kind,
+        headers=dict(headers or {}),
+        send_at=when.isoformat() if when else "",
+    )
+
+
+def enqueue(records: list[status.MailRecord]) -> list[Job]:
+    """Write records and their jobs in one MULTI/EXEC round trip: all or nothing."""
+    queue = get_queue(MAIL_QUEUE)
+    config = current_app.config
+    jobs: list[Job] = []
+    try:
+        with get_redis().pipeline(transaction=True) as pipe:
+            pipe.multi()  # explicit, so RQ's enqueue adds to this transaction as-is
+            for record in records:
+                status.create(pipe, record)
+                job_kwargs: dict[str, Any] = {
+                    "args": (record.id,),
+                    "job_id": record.id,
+                    "timeout": config["MAIL_JOB_TIMEOUT"],
+                    "result_ttl": 0,
+                    "failure_ttl": config["MAIL_STATUS_TTL"],
+                    "retry": retry_policy(config["MAIL_RETRY_INTERVALS"]),
+                    "description": f"mail {record.template}",
+                }
+                if record.send_at:
+                    job = queue.create_job(DELIVER_JOB, **job_kwargs)
+                    queue.schedule_job(job, datetime.fromisoformat(record.send_at), pipeline=pipe)
+                else:
+                    job = queue.enqueue_call(DELIVER_JOB, pipeline=pipe, **job_kwargs)
+                jobs.append(job)
+            pipe.execute()
+    except redis.exceptions.RedisError as err:
+        raise QueueUnavailableError(f"Redis unavailable, mail not queued: {err}") from err
+    return jobs
+
+
+def retry_policy(intervals: list[int]) -> Retry:
+    """RQ retries at the configured intervals, each jittered by +-20% so a fleet of
+    mails that failed together does not hammer the provider together."""
+    jittered = [max(1, round(seconds * random.uniform(0.8, 1.2))) for seconds in intervals]
+    return Retry(max=len(intervals), interval=jittered)
+
+
+def validate_recipients(to: str | Iterable[str], limit: int) -> list[str]:
+    """Normalise `to` to a list of `addr` or `Name <addr>` strings, each checked."""
+    if isinstance(to, str):
+        items = [to]
+    elif isinstance(to, Iterable) and not isinstance(to, bytes | Mapping):
+        items = list(to)
+    else:
+        raise InvalidAddressError("to", "expected an address or a list of addresses")
+    if not items:
+        raise InvalidAddressError("to", "at least one recipient is required")
+    if len(items) > limit:
+        raise InvalidAddressError("to", f"at most {limit} recipients per mail")
+    return [validate_address("to", item) for item in items]
+
+
+def validate_address(field: str, value: Any) -> str:
+    """One address, optionally with a display name; ASCII only (no SMTPUTF8)."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidAddressError(field, f"expected an email address, got {value!r}")
+    check_header(field, value)
+    name, addr = parseaddr(value)
+    if not addr or ("<" in value and not value.rstrip().endswith(">")):
+        raise InvalidAddressError(field, f"{value!r} is not an email address")
+    try:
+        result = validate_email(addr, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as err:
+        raise InvalidAddressError(field, f"{addr!r}: {err}") from None
+    return formataddr((name, result.normalized)) if name else result.normalized
+
+
+def check_header(field: str, value: str) -> None:
+    """No CR, LF or NUL in any header value: they would let a caller add headers."""
+    if any(ch in value for ch in "\r\n\0"):
+        raise HeaderInjectionError(field, "must not contain CR, LF or NUL")
+
+
+def check_template(template: Any) -> None:
+    """The name is a safe relative name and `email/<name>.txt` exists."""
+    if not isinstance(template, str) or not TEMPLATE_NAME.match(template):
+        raise TemplateNotFoundError(
+            "template",
+            f"{template!r} is not a template name (lowercase letters, digits, _ and -, "
+            "optionally in subfolders; no '..', no absolute paths)",
+        )
+    try:
+        current_app.jinja_env.get_template(f"email/{template}.txt")
+    except TemplateNotFound:
+        raise TemplateNotFoundError(
+            "template", f"no template email/{template}.txt in {current_app.template_folder}"
+        ) from None
+
+
+def validate_context(context: Mapping[str, Any], max_bytes: int) -> dict[str, Any]:
+    """A JSON round trip: what the worker renders is exactly what JSON can carry."""
+    if not isinstance(context, Mapping):
+        raise InvalidContextError("context", "must be an object")
+    _check_depth(context)
+    try:
+        encoded = json.dumps(context, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as err:
+        raise InvalidContextError("context", f"not JSON-serialisable: {err}") from None
+    if len(encoded.encode()) > max_bytes:
+        raise InvalidContextError("context", f"larger than {max_bytes} bytes as JSON")
+    decoded: dict[str, Any] = json.loads(encoded)
+    return decoded
+
+
+def _check_depth(value: Any) -> None:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_CONTEXT_DEPTH:
+            raise InvalidContextError("context", f"nested deeper than {MAX_CONTEXT_DEPTH} levels")
+        if isinstance(item, Mapping):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def resolve_send_at(send_at: datetime | None, delay: timedelta | float | None) -> datetime | None:
+    """An aware UTC datetime for a deferred mail, or None to send now.
+
+    Naive datetimes are refused: RQ would read them as the server's local time.
+    """
+    if send_at is not None and delay is not None:
+        raise InvalidScheduleError("send_at", "give send_at or delay, not both")
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, timedelta | int | float):
+            raise InvalidScheduleError("delay", "expected seconds or a timedelta")
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+        if not 0 <= seconds <= 366 * 86400:
+            raise InvalidScheduleError("delay", "must be between 0 and 366 days")
+        return datetime.now(UTC) + timedelta(seconds=seconds) if seconds > 0 else None
+    if send_at is None:
+        return None
+    if not isinstance(send_at, datetime):
+        raise InvalidScheduleError("send_at", "expected a datetime")
+    if send_at.tzinfo is None or send_at.utcoffset() is None:
+        raise InvalidScheduleError("send_at", "must be timezone-aware (e.g. 2030-01-01T09:00Z)")
+    when = send_at.astimezone(UTC)
+    if when - datetime.now(UTC) > timedelta(days=366):
+        raise InvalidScheduleError("send_at", "more than a year ahead")
+    return when if when > datetime.now(UTC) else None

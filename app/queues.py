@@ -1,0 +1,63 @@
+"""Redis and RQ queues: one connection pool per app, kept in `app.extensions`.
+
+Jobs are stored with RQ's JSON serializer, so nothing is ever unpickled from
+Redis. Short socket timeouts make the web process fail fast (503) when Redis
+is down instead of hanging a request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, current_app
+from redis import Redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+MAIL_QUEUE = "mail"
+DIGEST_QUEUE = "digests"
+QUEUE_NAMES = (MAIL_QUEUE, DIGEST_QUEUE)
+
+EXTENSION = "mailqueue.redis"
+
+
+def connect(url: str, *, socket_timeout: float | None = 5.0) -> Redis:
+    """A Redis client that gives up quickly when the server is unreachable."""
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=2.0,
+        socket_timeout=socket_timeout,
+        health_check_interval=30,
+    )
+
+
+class _State:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.queues: dict[str, Queue] = {}
+
+
+def init_app(app: Flask) -> None:
+    """Create the app's Redis client (no connection is made until first use)."""
+    app.extensions[EXTENSION] = _State(connect(app.config["REDIS_URL"]))
+
+
+def _state(app: Flask | None = None) -> _State:
+    target: Any = app or current_app
+    state: _State = target.extensions[EXTENSION]
+    return state
+
+
+def get_redis(app: Flask | None = None) -> Redis:
+    """The app's Redis client."""
+    return _state(app).redis
+
+
+def get_queue(name: str = MAIL_QUEUE, app: Flask | None = None) -> Queue:
+    """A cached Queue, so RQ's per-queue lookups (server version) happen once."""
+    state = _state(app)
+    queue = state.queues.get(name)
+    if queue is None:
+        queue = Queue(name, connection=state.redis, serializer=JSONSerializer)
+        state.queues[name] = queue
+    return queue

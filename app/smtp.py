@@ -1,0 +1,160 @@
+"""SMTP delivery over one reused connection per process, with a timeout.
+
+Flask-Mail opens a connection per `send` and has no timeout (flask-mail #114,
+#38). A worker keeps one Flask-Mail `Connection` open, built with a socket
+timeout, reconnects once when the server has dropped it, and drops it after
+MAIL_IDLE_TIMEOUT idle seconds. SMTP failures are sorted here into transient
+(retry) and permanent (fail now), keeping the server's reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+
+from flask import Flask, current_app
+from flask_mail import Connection, Mail, Message, sanitize_address, sanitize_addresses
+
+from app.errors import PermanentDeliveryError, TransientDeliveryError
+
+log = logging.getLogger("mailqueue.smtp")
+
+EXTENSION = "mailqueue.smtp"
+
+
+class TimeoutConnection(Connection):
+    """Flask-Mail's Connection, but every socket operation has a deadline."""
+
+    def __init__(self, mail: Any, timeout: float) -> None:
+        super().__init__(mail)
+        self.timeout = timeout
+
+    def configure_host(self) -> smtplib.SMTP | smtplib.SMTP_SSL:
+        host: smtplib.SMTP | smtplib.SMTP_SSL
+        context = ssl.create_default_context()
+        if self.mail.use_ssl:
+            host = smtplib.SMTP_SSL(
+                self.mail.server, self.mail.port, timeout=self.timeout, context=context
+            )
+        else:
+            host = smtplib.SMTP(self.mail.server, self.mail.port, timeout=self.timeout)
+        try:
+            if self.mail.use_tls:
+                host.starttls(context=context)
+            if self.mail.username and self.mail.password:
+                host.login(self.mail.username, self.mail.password)
+        except BaseException:
+            host.close()
+            raise
+        return host
+
+
+class Mailer:
+    """One process's SMTP connection: opened lazily, reused, closed when idle."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self._connection: TimeoutConnection | None = None
+        self._last_used = 0.0
+        self._lock = threading.Lock()
+
+    def send(self, message: Message) -> dict[str, str]:
+        """Deliver `message`; return the recipients the server refused (code and reply).
+
+        Raises TransientDeliveryError or PermanentDeliveryError.
+        """
+        with self._lock:
+            try:
+                return self._send_once(message)
+            except smtplib.SMTPServerDisconnected:
+                # A reused connection the server had closed: one fresh attempt.
+                self.close()
+                try:
+                    return self._send_once(message)
+                except Exception as err:
+                    self.close()
+                    raise classify(err) from err
+            except Exception as err:
+                self.close()
+                raise classify(err) from err
+
+    def _send_once(self, message: Message) -> dict[str, str]:
+        connection = self._open()
+        host = connection.host
+        assert host is not None
+        recipients = list(sanitize_addresses(message.send_to))
+        refused = host.sendmail(
+            sanitize_address(message.sender),
+            recipients,
+            message.as_bytes(),
+            message.mail_options,
+            message.rcpt_options,
+        )
+        self._last_used = time.monotonic()
+        return {addr: _reply(code, text) for addr, (code, text) in refused.items()}
+
+    def _open(self) -> TimeoutConnection:
+        idle = self.app.config["MAIL_IDLE_TIMEOUT"]
+        if self._connection is not None and time.monotonic() - self._last_used > idle:
+            self.close()
+        if self._connection is None:
+            mail: Mail = self.app.extensions["mail"]
+            connection = TimeoutConnection(mail, self.app.config["MAIL_TIMEOUT"])
+            connection.host = connection.configure_host()
+            self._connection = connection
+            self._last_used = time.monotonic()
+        return self._connection
+
+    def close(self) -> None:
+        """Quit politely if possible; never raise."""
+        connection, self._connection = self._connection, None
+        if connection is None or connection.host is None:
+            return
+        try:
+            connection.host.quit()
+        except (smtplib.SMTPException, OSError):
+            connection.host.close()
+
+
+def classify(err: BaseException) -> TransientDeliveryError | PermanentDeliveryError:
+    """Sort an SMTP or socket failure into retry-later or give-up-now."""
+    if isinstance(err, TransientDeliveryError | PermanentDeliveryError):
+        return err
+    if isinstance(err, smtplib.SMTPRecipientsRefused):
+        refused = {addr: _reply(code, text) for addr, (code, text) in err.recipients.items()}
+        codes = [code for code, _ in err.recipients.values()]
+        summary = "all recipients refused: " + "; ".join(f"{a}: {r}" for a, r in refused.items())
+        if codes and all(500 <= code < 600 for code in codes):
+            return PermanentDeliveryError(summary, refused)
+        return TransientDeliveryError(summary, refused)
+    if isinstance(err, smtplib.SMTPResponseException):
+        reply = _reply(err.smtp_code, err.smtp_error)
+        if 500 <= err.smtp_code < 600:
+            return PermanentDeliveryError(f"SMTP server refused: {reply}")
+        return TransientDeliveryError(f"SMTP server deferred: {reply}")
+    if isinstance(err, socket.timeout | TimeoutError):
+        return TransientDeliveryError(f"SMTP timeout: {err or 'no reply in time'}")
+    if isinstance(err, smtplib.SMTPServerDisconnected | OSError | smtplib.SMTPException):
+        return TransientDeliveryError(f"SMTP connection failed: {type(err).__name__}: {err}")
+    return PermanentDeliveryError(f"{type(err).__name__}: {err}")
+
+
+def _reply(code: int, text: bytes | str) -> str:
+    message = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    return f"{code} {message}".strip()
+
+
+def init_app(app: Flask) -> None:
+    app.extensions[EXTENSION] = Mailer(app)
+
+
+def get_mailer(app: Flask | None = None) -> Mailer:
+    """This process's Mailer."""
+    target: Any = app or current_app
+    mailer: Mailer = target.extensions[EXTENSION]
+    return mailer

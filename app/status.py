@@ -1,0 +1,222 @@
+"""Mail records: the payload and the life of every mail, one Redis hash each.
+
+The record id is the RQ job id, the idempotency key and the Message-ID's
+local part. The job carries only that id; the worker reads the payload from
+here, so a retried or re-queued job always sees whether the mail was already
+accepted by the SMTP server (`sent`) and skips it.
+
+Life: queued | scheduled -> sending -> sent, or -> retrying -> sending ...,
+or -> failed. A record lives until MAIL_STATUS_TTL after it ends, whatever
+RQ does with its job.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from redis import Redis
+from redis.client import Pipeline
+
+QUEUED = "queued"
+SCHEDULED = "scheduled"
+SENDING = "sending"
+RETRYING = "retrying"
+SENT = "sent"
+FAILED = "failed"
+FINAL = frozenset({SENT, FAILED})
+
+KEY_PREFIX = "mq:mail:"
+FAILED_INDEX = "mq:mails:failed"  # zset: id -> time it failed
+
+
+def new_id() -> str:
+    """A fresh mail id (hex, safe in a Redis key and a Message-ID)."""
+    return uuid.uuid4().hex
+
+
+def key(mail_id: str) -> str:
+    return KEY_PREFIX + mail_id
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class MailRecord:
+    """One mail: what to send and how far it got."""
+
+    id: str
+    to: list[str]
+    subject: str
+    template: str
+    context: dict[str, Any]
+    status: str = QUEUED
+    kind: str = "mail"
+    headers: dict[str, str] = field(default_factory=dict)
+    send_at: str = ""
+    created_at: str = ""
+    updated_at: str = ""
+    sent_at: str = ""
+    attempts: int = 0
+    last_error: str = ""
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def to_redis(self) -> dict[str, str]:
+        return {
+            "id": self.id,
+            "to": json.dumps(self.to),
+            "subject": self.subject,
+            "template": self.template,
+            "context": json.dumps(self.context, separators=(",", ":")),
+            "status": self.status,
+            "kind": self.kind,
+            "headers": json.dumps(self.headers),
+            "send_at": self.send_at,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "sent_at": self.sent_at,
+            "attempts": str(self.attempts),
+            "last_error": self.last_error,
+            "refused": json.dumps(self.refused),
+        }
+
+    @classmethod
+    def from_redis(cls, raw: dict[bytes, bytes]) -> MailRecord:
+        data = {k.decode(): v.decode() for k, v in raw.items()}
+        return cls(
+            id=data["id"],
+            to=json.loads(data.get("to", "[]")),
+            subject=data.get("subject", ""),
+            template=data.get("template", ""),
+            context=json.loads(data.get("context", "{}")),
+            status=data.get("status", QUEUED),
+            kind=data.get("kind", "mail"),
+            headers=json.loads(data.get("headers") or "{}"),
+            send_at=data.get("send_at", ""),
+            created_at=data.get("created_at", ""),
+            updated_at=data.get("updated_at", ""),
+            sent_at=data.get("sent_at", ""),
+            attempts=int(data.get("attempts") or 0),
+            last_error=data.get("last_error", ""),
+            refused=json.loads(data.get("refused") or "{}"),
+        )
+
+    def public(self) -> dict[str, Any]:
+        """What the API shows: everything but the template context."""
+        view: dict[str, Any] = {
+            "id": self.id,
+            "status": self.status,
+            "kind": self.kind,
+            "to": self.to,
+            "subject": self.subject,
+            "template": self.template,
+            "attempts": self.attempts,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+        for name in ("send_at", "sent_at", "last_error"):
+            value = getattr(self, name)
+            if value:
+                view["error" if name == "last_error" else name] = value
+        if self.refused:
+            view["refused"] = self.refused
+        return view
+
+
+def create(pipe: Pipeline, record: MailRecord) -> None:
+    """Queue the write of a new record on `pipe` (the caller's enqueue transaction)."""
+    stamp = now_iso()
+    record.created_at = record.created_at or stamp
+    record.updated_at = stamp
+    pipe.hset(key(record.id), mapping=record.to_redis())
+
+
+def load(redis: Redis | Pipeline, mail_id: str) -> MailRecord | None:
+    raw = redis.hgetall(key(mail_id))
+    return MailRecord.from_redis(raw) if raw else None  # type: ignore[arg-type]
+
+
+def begin_attempt(redis: Redis, mail_id: str, lease_seconds: int) -> tuple[str, MailRecord | None]:
+    """Claim one delivery attempt in a single round trip.
+
+    Returns ("missing", None) for a purged record, ("sent", record) when an
+    earlier attempt was already accepted, ("busy", record) when another
+    worker holds the lease, else ("go", record) with status `sending` and
+    attempts incremented.
+    """
+    outcome, raw = redis.eval(  # type: ignore[misc]
+        _BEGIN_ATTEMPT, 2, key(mail_id), lease_key(mail_id), str(lease_seconds), now_iso()
+    )
+    if not raw:
+        return outcome.decode(), None
+    record = MailRecord.from_redis(dict(zip(raw[::2], raw[1::2], strict=True)))
+    return outcome.decode(), record
+
+
+def lease_key(mail_id: str) -> str:
+    return key(mail_id) + ":lease"
+
+
+def update(redis: Redis | Pipeline, mail_id: str, **fields: Any) -> None:
+    """Set some fields of a live record and release its lease (never re-creates a purged one)."""
+    mapping = {name: _encode(value) for name, value in fields.items()}
+    mapping["updated_at"] = now_iso()
+    redis.eval(_UPDATE_IF_EXISTS, 2, key(mail_id), lease_key(mail_id), *_flatten(mapping))
+
+
+def finish(redis: Redis, mail_id: str, status: str, ttl: int, **fields: Any) -> None:
+    """Move a record to a final state, release its lease and start its retention clock."""
+    stamp = now_iso()
+    mapping = {name: _encode(value) for name, value in fields.items()}
+    mapping.update(status=status, updated_at=stamp)
+    if status == SENT:
+        mapping["sent_at"] = stamp
+    with redis.pipeline() as pipe:
+        pipe.eval(_UPDATE_IF_EXISTS, 2, key(mail_id), lease_key(mail_id), *_flatten(mapping))
+        pipe.expire(key(mail_id), ttl)
+        if status == FAILED:
+            pipe.zadd(FAILED_INDEX, {mail_id: datetime.now(UTC).timestamp()})
+        else:
+            pipe.zrem(FAILED_INDEX, mail_id)
+        pipe.execute()
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+def _flatten(mapping: dict[str, str]) -> list[str]:
+    return [item for pair in mapping.items() for item in pair]
+
+
+# KEYS: record, lease. ARGV: field/value pairs. Never creates a purged record.
+_UPDATE_IF_EXISTS = """
+redis.call('DEL', KEYS[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], unpack(ARGV))
+  return 1
+end
+return 0
+"""
+
+# KEYS: record, lease. ARGV: lease seconds, now.
+_BEGIN_ATTEMPT = """
+local raw = redis.call('HGETALL', KEYS[1])
+if #raw == 0 then return {'missing', false} end
+if redis.call('HGET', KEYS[1], 'status') == 'sent' then return {'sent', raw} end
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[1])) then
+  return {'busy', raw}
+end
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'status', 'sending', 'updated_at', ARGV[2])
+return {'go', redis.call('HGETALL', KEYS[1])}
+"""

@@ -1,0 +1,1 @@
+"""The functions RQ runs. Each expects the app context that AppWorker provides."""

@@ -16,7 +16,9 @@ from app.queues import get_redis
 
 def main() -> None:
     app = create_app()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s scheduler %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s scheduler %(levelname)s %(message)s"
+    )
     scheduler = Scheduler(queue_name="digests", connection=get_redis(app), interval=60)
     scheduler.run()
 

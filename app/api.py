@@ -76,14 +76,16 @@ def json_body() -> dict[str, Any]:
     return data
 
 
-def field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
+def field(
+    data: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True
+) -> Any:
     """One field of a JSON object, type-checked."""
     if name not in data or data[name] is None:
         if required:
             raise ApiError(400, f"{name} is required", name)
         return None
     value = data[name]
-    if not isinstance(value, kind) or isinstance(value, bool) and bool not in _as_tuple(kind):
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
         expected = " or ".join(t.__name__ for t in _as_tuple(kind))
         raise ApiError(400, f"{name} must be {expected}", name)
     return value
@@ -97,7 +99,9 @@ def parse_datetime(name: str, value: str) -> datetime:
     try:
         return datetime.fromisoformat(value)
     except ValueError:
-        raise ApiError(400, f"{name} must be an ISO 8601 date-time with a UTC offset", name) from None
+        raise ApiError(
+            400, f"{name} must be an ISO 8601 date-time with a UTC offset", name
+        ) from None
 
 
 @bp.post("/mail")

@@ -66,14 +66,14 @@ class MailMessage(Message):
     multipart/alternative (Flask-Mail wraps it in a needless multipart/mixed)."""
 
     def _message(self) -> Any:
-        outer = super()._message()
+        outer: Any = super()._message()
         parts = outer.get_payload()
         if (
             outer.get_content_type() == "multipart/mixed"
             and len(parts) == 1
             and parts[0].get_content_type() == "multipart/alternative"
         ):
-            inner = parts[0]
+            inner: Any = parts[0]
             for name, value in outer.items():
                 if name.lower() not in ("content-type", "mime-version"):
                     inner[name] = value

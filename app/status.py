@@ -133,12 +133,13 @@ def create(pipe: Pipeline, record: MailRecord) -> None:
     stamp = now_iso()
     record.created_at = record.created_at or stamp
     record.updated_at = stamp
-    pipe.hset(key(record.id), mapping=record.to_redis())
+    mapping: Any = record.to_redis()
+    pipe.hset(key(record.id), mapping=mapping)
 
 
-def load(redis: Redis | Pipeline, mail_id: str) -> MailRecord | None:
-    raw = redis.hgetall(key(mail_id))
-    return MailRecord.from_redis(raw) if raw else None  # type: ignore[arg-type]
+def load(redis: Redis, mail_id: str) -> MailRecord | None:
+    raw: Any = redis.hgetall(key(mail_id))
+    return MailRecord.from_redis(raw) if raw else None
 
 
 def begin_attempt(redis: Redis, mail_id: str, lease_seconds: int) -> tuple[str, MailRecord | None]:
@@ -149,9 +150,10 @@ def begin_attempt(redis: Redis, mail_id: str, lease_seconds: int) -> tuple[str, 
     worker holds the lease, else ("go", record) with status `sending` and
     attempts incremented.
     """
-    outcome, raw = redis.eval(  # type: ignore[misc]
+    reply: Any = redis.eval(
         _BEGIN_ATTEMPT, 2, key(mail_id), lease_key(mail_id), str(lease_seconds), now_iso()
     )
+    outcome, raw = reply
     if not raw:
         return outcome.decode(), None
     record = MailRecord.from_redis(dict(zip(raw[::2], raw[1::2], strict=True)))

@@ -23,7 +23,7 @@ from typing import Any
 
 from redis import Redis
 from rq import Queue
-from rq.exceptions import DequeueTimeout
+from rq.exceptions import DequeueTimeout, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
@@ -46,7 +46,7 @@ class AppQueue(Queue):
     """A Queue whose multi-queue pop never leaves a job only in a worker's memory."""
 
     @classmethod
-    def dequeue_any(  # type: ignore[override]
+    def dequeue_any(
         cls,
         queues: Iterable[Queue],
         timeout: int | None,
@@ -71,9 +71,8 @@ class AppQueue(Queue):
             if remaining <= 0:
                 raise DequeueTimeout(timeout, [q.key for q in queues])
             first = queues[0]
-            job_id = connection.blmove(
-                first.key, first.intermediate_queue_key, min(POLL_SECONDS, remaining)
-            )
+            wait: Any = min(POLL_SECONDS, remaining)  # redis-py types say int; Redis takes seconds
+            job_id = connection.blmove(first.key, first.intermediate_queue_key, wait)
             if job_id is not None:
                 job = _fetch(job_id, first, connection, job_class, serializer)
                 if job is not None:
@@ -81,19 +80,17 @@ class AppQueue(Queue):
 
 
 def _fetch(
-    job_id: bytes, queue: Queue, connection: Redis, job_class: Any, serializer: Any
+    raw_id: Any, queue: Queue, connection: Redis, job_class: Any, serializer: Any
 ) -> Job | None:
     """Load a popped job; drop the id of one whose data is gone."""
-    job_cls = job_class or Job
+    job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+    job_cls: Any = job_class or Job
     try:
-        return job_cls.fetch(job_id.decode(), connection=connection, serializer=serializer)  # type: ignore[no-any-return]
-    except Exception as err:
-        from rq.exceptions import NoSuchJobError
-
-        if isinstance(err, NoSuchJobError):
-            connection.lrem(queue.intermediate_queue_key, 1, job_id)
-            return None
-        raise
+        job: Job = job_cls.fetch(job_id, connection=connection, serializer=serializer)
+    except NoSuchJobError:
+        connection.lrem(queue.intermediate_queue_key, 1, job_id)
+        return None
+    return job
 
 
 class AppWorker(SimpleWorker):

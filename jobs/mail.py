@@ -35,7 +35,9 @@ def deliver(mail_id: str) -> str:
     if outcome == "busy":
         raise MailInFlightError(f"mail {mail_id} is being delivered by another worker")
     assert record is not None
-    log.info("mail %s: sending (template %s, attempt %d)", mail_id, record.template, record.attempts)
+    log.info(
+        "mail %s: sending (template %s, attempt %d)", mail_id, record.template, record.attempts
+    )
     try:
         message = build_message(record)
         refused = get_mailer().send(message)
@@ -67,5 +69,7 @@ def _record_failure(
         status.update(redis, record.id, status=status.RETRYING, **fields)
         log.warning("mail %s: retry scheduled (%s)", record.id, err)
     else:
-        status.finish(redis, record.id, status.FAILED, current_app.config["MAIL_STATUS_TTL"], **fields)
+        status.finish(
+            redis, record.id, status.FAILED, current_app.config["MAIL_STATUS_TTL"], **fields
+        )
         log.error("mail %s: failed (%s)", record.id, err)

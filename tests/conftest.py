@@ -1,0 +1,124 @@
+"""Fixtures: one real redis-server and SMTP servers per session, flushed per test."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Iterator
+
+import pytest
+import trustme
+from flask import Flask
+from flask.testing import FlaskClient
+from redis import Redis
+
+from app import create_app
+from app.config import SPEC
+from app.worker import AppWorker
+from tests.servers import RedisServer, SMTPServer
+
+API_TOKEN = "test-token-not-secret"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[SMTPServer]:
+    server = SMTPServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def smtp_tls_server(tls_ca: trustme.CA) -> Iterator[SMTPServer]:
+    """STARTTLS required, AUTH LOGIN/PLAIN required (user `mailer`, password `s3cret`)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    server = SMTPServer(tls_context=context, users={"mailer": "s3cret"}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No developer `.env` or exported MAIL_* value may leak into a test."""
+    monkeypatch.setattr("app.config.load_dotenv_file", lambda: None)
+    for key, (_parse, _default, aliases) in SPEC.items():
+        for name in (key, *aliases):
+            monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def env(
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+    smtp_server: SMTPServer,
+    redis_client: Redis,
+) -> dict[str, str]:
+    """The environment of a configured deployment: what the app and AppWorker read."""
+    smtp_server.handler.reset()
+    values = {
+        "REDIS_URL": redis_server.url,
+        "MAIL_SERVER": "127.0.0.1",
+        "MAIL_PORT": str(smtp_server.port),
+        "MAIL_DEFAULT_SENDER": "Example App <noreply@example.com>",
+        "MAIL_SUBJECT_PREFIX": "[Example]",
+        "MAIL_TIMEOUT": "5",
+        "PUBLIC_URL": "https://mail.example.com",
+        "SECRET_KEY": "test-secret-key",
+        "API_TOKEN": API_TOKEN,
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
+@pytest.fixture
+def app(env: dict[str, str]) -> Flask:
+    return create_app({"TESTING": True})
+
+
+@pytest.fixture
+def app_ctx(app: Flask) -> Iterator[Flask]:
+    with app.app_context():
+        yield app
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+def run_worker(queues: tuple[str, ...] = ("mail", "digests")) -> AppWorker:
+    """Work every queued job in this process, as `rq worker --burst` would."""
+    worker = AppWorker(list(queues))
+    worker.work(burst=True, logging_level="WARNING")
+    return worker
+
+
+@pytest.fixture
+def work(env: dict[str, str]) -> Callable[..., AppWorker]:
+    """Call `work()` to drain the queues with an AppWorker built from the environment."""
+    return run_worker

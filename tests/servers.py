@@ -1,0 +1,222 @@
+"""Real servers for the tests: a throw-away redis-server and a recording SMTP server."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Poll `predicate` until true or `timeout` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return bool(value)
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A private redis-server on a free port, in its own directory."""
+
+    def __init__(self, appendonly: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(
+                "redis-server not found on PATH: install it (apt-get install redis-server)"
+            )
+        self.binary = binary
+        self.dir = Path(tempfile.mkdtemp(prefix="mq-redis-"))
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        args = [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+            "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "always",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_until(self._answers, timeout=10):
+            raise RuntimeError(f"redis-server did not start on port {self.port}")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process is None:
+            return
+        if kill:
+            self.process.kill()
+        else:
+            self.process.terminate()
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop(kill=True)
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class Received:
+    """One message as the SMTP server received it."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    raw: bytes
+    message: EmailMessage = field(repr=False)
+    authenticated_as: str | None = None
+    tls: bool = False
+
+    @property
+    def message_id(self) -> str:
+        return str(self.message["Message-ID"])
+
+    def part(self, content_type: str) -> str:
+        for part in self.message.walk():
+            if part.get_content_type() == content_type:
+                payload: str = part.get_content()
+                return payload
+        raise KeyError(content_type)
+
+
+class RecordingHandler:
+    """Records every accepted message; `reply` makes it answer DATA with a code instead."""
+
+    def __init__(self) -> None:
+        self.messages: list[Received] = []
+        self.cond = threading.Condition()
+        self.reply: str | None = None  # e.g. "451 4.3.0 try later" or "550 5.1.1 no such user"
+        self.refuse_rcpt: dict[str, str] = {}  # address -> reply for RCPT TO
+        self.hang_seconds = 0.0
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        reply = self.refuse_rcpt.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Envelope) -> str:
+        if self.hang_seconds:
+            import asyncio
+
+            await asyncio.sleep(self.hang_seconds)
+        if self.reply:
+            return self.reply
+        raw = envelope.original_content or envelope.content or b""
+        assert isinstance(raw, bytes)
+        parsed = email.message_from_bytes(raw, policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        login = (
+            session.auth_data.login.decode()
+            if session.authenticated and session.auth_data
+            else None
+        )
+        with self.cond:
+            self.messages.append(
+                Received(
+                    mail_from=str(envelope.mail_from),
+                    rcpt_tos=list(envelope.rcpt_tos),
+                    raw=raw,
+                    message=parsed,
+                    authenticated_as=login,
+                    tls=session.ssl is not None,
+                )
+            )
+            self.cond.notify_all()
+        return "250 2.0.0 OK queued"
+
+    def reset(self) -> None:
+        with self.cond:
+            self.messages.clear()
+        self.reply = None
+        self.refuse_rcpt = {}
+        self.hang_seconds = 0.0
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        """Block until at least `count` messages arrived (or timeout); return them all."""
+        with self.cond:
+            self.cond.wait_for(lambda: len(self.messages) >= count, timeout=timeout)
+            return list(self.messages)
+
+
+class SMTPServer:
+    """aiosmtpd on a free port; optionally STARTTLS with a trustme certificate and AUTH."""
+
+    def __init__(
+        self, tls_context: ssl.SSLContext | None = None, users: dict[str, str] | None = None
+    ):
+        self.handler = RecordingHandler()
+        self.port = free_port()
+        self.users = users or {}
+        kwargs: dict[str, Any] = {}
+        if tls_context is not None:
+            kwargs.update(tls_context=tls_context, require_starttls=True)
+        if users:
+            kwargs.update(authenticator=self._authenticate, auth_require_tls=True)
+        self.controller = Controller(
+            self.handler, hostname="127.0.0.1", port=self.port, ready_timeout=10, **kwargs
+        )
+
+    def _authenticate(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> AuthResult:
+        if isinstance(data, LoginPassword):
+            login, password = data.login.decode(), data.password.decode()
+            if self.users.get(login) == password:
+                return AuthResult(success=True)
+        return AuthResult(success=False, handled=False)
+
+    def start(self) -> SMTPServer:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    @property
+    def messages(self) -> list[Received]:
+        with self.handler.cond:
+            return list(self.handler.messages)
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        return self.handler.wait_for(count, timeout)

@@ -7,6 +7,7 @@ plain JSON in the mail record (app/status.py).
 
 from __future__ import annotations
 
+import calendar
 import json
 import random
 import re
@@ -22,7 +23,8 @@ from flask import current_app, render_template
 from flask_mail import Message
 from jinja2 import TemplateNotFound
 from rq import Retry
-from rq.job import Job
+from rq.job import Job, JobStatus
+from rq.queue import Queue
 
 from app import status
 from app.errors import (
@@ -139,6 +141,10 @@ def prepare(
 ) -> status.MailRecord:
     """Validate everything about one mail and return its (unsaved) record."""
     config = current_app.config
+    # The configured sender and prefix were checked at start-up; config can be changed
+    # afterwards, and a header break there would reach every mail.
+    check_header("MAIL_DEFAULT_SENDER", config["MAIL_DEFAULT_SENDER"])
+    check_header("MAIL_SUBJECT_PREFIX", config["MAIL_SUBJECT_PREFIX"])
     recipients = validate_recipients(to, config["MAIL_MAX_RECIPIENTS"])
     if not isinstance(subject, str) or not subject.strip():
         raise InvalidMailError("subject", "must be a non-empty string")
@@ -183,8 +189,8 @@ def enqueue(records: list[status.MailRecord]) -> list[Job]:
                     "description": f"mail {record.template}",
                 }
                 if record.send_at:
-                    job = queue.create_job(DELIVER_JOB, **job_kwargs)
-                    queue.schedule_job(job, datetime.fromisoformat(record.send_at), pipeline=pipe)
+                    job = queue.create_job(DELIVER_JOB, status=JobStatus.SCHEDULED, **job_kwargs)
+                    schedule(queue, job, datetime.fromisoformat(record.send_at), pipe)
                 else:
                     job = queue.enqueue_call(DELIVER_JOB, pipeline=pipe, **job_kwargs)
                 jobs.append(job)
@@ -192,6 +198,20 @@ def enqueue(records: list[status.MailRecord]) -> list[Job]:
     except redis.exceptions.RedisError as err:
         raise QueueUnavailableError(f"Redis unavailable, mail not queued: {err}") from err
     return jobs
+
+
+def schedule(queue: Queue, job: Job, when: datetime, pipe: Any) -> None:
+    """`Queue.schedule_job`, but every write inside `pipe`.
+
+    rq 2.12's ScheduledJobRegistry.schedule() ignores its pipeline and ZADDs at
+    once: outside our transaction, before the job hash exists (a scheduler pass
+    in between drops the id, losing the mail) and even when the transaction
+    then fails. Same keys and score (whole UTC seconds) as RQ writes.
+    """
+    pipe.sadd(queue.redis_queues_keys, queue.key)
+    queue._persist_job(job, pipe, status=JobStatus.SCHEDULED)
+    score = calendar.timegm(when.astimezone(UTC).utctimetuple())
+    pipe.zadd(queue.scheduled_job_registry.key, {job.id: score})
 
 
 def retry_policy(intervals: list[int]) -> Retry:
@@ -224,6 +244,12 @@ def validate_address(field: str, value: Any) -> str:
     name, addr = parseaddr(value)
     if not addr or ("<" in value and not value.rstrip().endswith(">")):
         raise InvalidAddressError(field, f"{value!r} is not an email address")
+    if not addr.isascii():
+        # email-validator accepts an internationalised domain (as IDNA) even without
+        # SMTPUTF8 but returns it in Unicode, which smtplib cannot send: refuse here.
+        raise InvalidAddressError(
+            field, f"{addr!r}: non-ASCII addresses are not supported (no SMTPUTF8)"
+        )
     try:
         result = validate_email(addr, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as err:

@@ -86,9 +86,20 @@ def field(
         return None
     value = data[name]
     if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
-        expected = " or ".join(t.__name__ for t in _as_tuple(kind))
+        expected = " or ".join(dict.fromkeys(_JSON_NAMES[t] for t in _as_tuple(kind)))
         raise ApiError(400, f"{name} must be {expected}", name)
     return value
+
+
+# What a JSON client calls each type.
+_JSON_NAMES = {
+    str: "a string",
+    list: "an array",
+    dict: "an object",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+}
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:

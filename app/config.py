@@ -66,6 +66,16 @@ def _optional_str(key: str, raw: str) -> str | None:
     return raw or None
 
 
+def _optional_file(key: str, raw: str) -> str | None:
+    """A path to a readable file, checked at start-up rather than at the first delivery."""
+    if not raw.strip():
+        return None
+    path = os.path.expanduser(raw.strip())
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ConfigError(f"{key}: {raw!r} is not a readable file")
+    return path
+
+
 def _intervals(key: str, raw: str) -> list[int]:
     try:
         values = [int(part) for part in raw.replace(" ", "").split(",") if part]
@@ -96,6 +106,8 @@ SPEC: dict[str, tuple[Callable[[str, str], Any], str, tuple[str, ...]]] = {
     "MAIL_PASSWORD": (_optional_str, "", ()),
     "MAIL_DEFAULT_SENDER": (_str, "mailqueue <mailqueue@localhost>", ("FLASK_MAIL_SENDER",)),
     "MAIL_SUBJECT_PREFIX": (_str, "", ("FLASK_MAIL_SUBJECT_PREFIX",)),
+    # A PEM bundle of CAs to trust for STARTTLS/SSL instead of the system's (a private relay).
+    "MAIL_TLS_CA_FILE": (_optional_file, "", ()),
     # Flask-Mail has no SMTP timeout (flask-mail #114); ours bounds connect and every reply.
     "MAIL_TIMEOUT": (_float_parser(0.1), "30", ()),
     # A worker keeps one SMTP connection open; it is dropped after this many idle seconds.
@@ -114,6 +126,9 @@ SPEC: dict[str, tuple[Callable[[str, str], Any], str, tuple[str, ...]]] = {
     "API_TOKEN": (_optional_str, "", ()),
     "PUBLIC_URL": (_url(("http", "https")), "http://localhost:5000", ()),
     "WORKER_MAINTENANCE_INTERVAL": (_int_parser(5, 600), "60", ()),
+    # Set by the dev stack (python -m app.devstack) to the folder where its SMTP sink stores
+    # every message as an .eml file; empty when mail goes to a real server.
+    "MAIL_DEV_OUTBOX": (_str, "", ()),
 }
 
 

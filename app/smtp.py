@@ -30,13 +30,15 @@ EXTENSION = "mailqueue.smtp"
 class TimeoutConnection(Connection):
     """Flask-Mail's Connection, but every socket operation has a deadline."""
 
-    def __init__(self, mail: Any, timeout: float) -> None:
+    def __init__(self, mail: Any, timeout: float, ca_file: str | None = None) -> None:
         super().__init__(mail)
         self.timeout = timeout
+        self.ca_file = ca_file
 
     def configure_host(self) -> smtplib.SMTP | smtplib.SMTP_SSL:
         host: smtplib.SMTP | smtplib.SMTP_SSL
-        context = ssl.create_default_context()
+        # The system's CAs, or only MAIL_TLS_CA_FILE's; certificates are always verified.
+        context = ssl.create_default_context(cafile=self.ca_file)
         if self.mail.use_ssl:
             host = smtplib.SMTP_SSL(
                 self.mail.server, self.mail.port, timeout=self.timeout, context=context
@@ -104,7 +106,10 @@ class Mailer:
             self.close()
         if self._connection is None:
             mail: Mail = self.app.extensions["mail"]
-            connection = TimeoutConnection(mail, self.app.config["MAIL_TIMEOUT"])
+            config = self.app.config
+            connection = TimeoutConnection(
+                mail, config["MAIL_TIMEOUT"], config.get("MAIL_TLS_CA_FILE")
+            )
             connection.host = connection.configure_host()
             self._connection = connection
             self._last_used = time.monotonic()

@@ -121,6 +121,19 @@ class AppWorker(SimpleWorker):
         # Every pop went through an intermediate list (AppQueue), whatever the queue count.
         super().prepare_job_execution(job, remove_from_intermediate_queue=True)
 
+    def unsubscribe(self) -> None:
+        """RQ's, with the thread stopped before UNSUBSCRIBE is sent.
+
+        RQ unsubscribes first: when the pub/sub thread reads the reply before it is
+        told to stop, it blocks in a 60 s read and every worker exit waits out the
+        1 s join timeout. Stopped first, the reply ends its loop at once.
+        """
+        if self.pubsub_thread:
+            self.pubsub_thread.stop()
+            self.pubsub.unsubscribe()
+            self.pubsub_thread.join(timeout=1)
+            self.pubsub.close()
+
     def teardown(self) -> None:
         from app.smtp import get_mailer
 

@@ -121,8 +121,10 @@ class RecordingHandler:
 
     def __init__(self) -> None:
         self.messages: list[Received] = []
+        self.rejected: list[Received] = []  # what DATA answered with `reply`/`replies`
         self.cond = threading.Condition()
         self.reply: str | None = None  # e.g. "451 4.3.0 try later" or "550 5.1.1 no such user"
+        self.replies: list[str] = []  # one-shot replies to the next DATA commands, in order
         self.refuse_rcpt: dict[str, str] = {}  # address -> reply for RCPT TO
         self.hang_seconds = 0.0
 
@@ -140,8 +142,6 @@ class RecordingHandler:
             import asyncio
 
             await asyncio.sleep(self.hang_seconds)
-        if self.reply:
-            return self.reply
         raw = envelope.original_content or envelope.content or b""
         assert isinstance(raw, bytes)
         parsed = email.message_from_bytes(raw, policy=email.policy.default)
@@ -151,24 +151,29 @@ class RecordingHandler:
             if session.authenticated and session.auth_data
             else None
         )
+        received = Received(
+            mail_from=str(envelope.mail_from),
+            rcpt_tos=list(envelope.rcpt_tos),
+            raw=raw,
+            message=parsed,
+            authenticated_as=login,
+            tls=session.ssl is not None,
+        )
+        reply = self.replies.pop(0) if self.replies else self.reply
         with self.cond:
-            self.messages.append(
-                Received(
-                    mail_from=str(envelope.mail_from),
-                    rcpt_tos=list(envelope.rcpt_tos),
-                    raw=raw,
-                    message=parsed,
-                    authenticated_as=login,
-                    tls=session.ssl is not None,
-                )
-            )
+            if reply:
+                self.rejected.append(received)
+            else:
+                self.messages.append(received)
             self.cond.notify_all()
-        return "250 2.0.0 OK queued"
+        return reply or "250 2.0.0 OK queued"
 
     def reset(self) -> None:
         with self.cond:
             self.messages.clear()
+            self.rejected.clear()
         self.reply = None
+        self.replies = []
         self.refuse_rcpt = {}
         self.hang_seconds = 0.0
 
@@ -203,7 +208,7 @@ class SMTPServer:
         if isinstance(data, LoginPassword):
             login, password = data.login.decode(), data.password.decode()
             if self.users.get(login) == password:
-                return AuthResult(success=True)
+                return AuthResult(success=True, auth_data=data)
         return AuthResult(success=False, handled=False)
 
     def start(self) -> SMTPServer:

@@ -1,0 +1,42 @@
+"""Helpers for tests that need more than a fixture: RQ's scheduler pass, a Redis dump."""
+
+from __future__ import annotations
+
+from redis import Redis
+from rq.scheduler import RQScheduler
+from rq.serializers import JSONSerializer
+
+
+def scheduler_pass(redis: Redis, queues: tuple[str, ...] = ("mail", "digests")) -> None:
+    """One pass of RQ's scheduler (what `rq worker --with-scheduler` runs every second):
+    move every due job of the ScheduledJobRegistry onto its queue."""
+    scheduler = RQScheduler(list(queues), connection=redis, serializer=JSONSerializer)
+    scheduler.acquire_locks()
+    scheduler.enqueue_scheduled_jobs()
+    scheduler.release_locks()
+
+
+def redis_dump(redis: Redis) -> bytes:
+    """Every key and value in Redis, as one blob to search for what must not be there."""
+    chunks: list[bytes] = []
+    for name in redis.scan_iter(count=1000):
+        kind = redis.type(name).decode()
+        chunks.append(name)
+        if kind == "string":
+            chunks.append(redis.get(name) or b"")
+        elif kind == "hash":
+            for k, v in redis.hgetall(name).items():
+                chunks += [k, v]
+        elif kind == "list":
+            chunks += redis.lrange(name, 0, -1)
+        elif kind == "set":
+            chunks += list(redis.smembers(name))
+        elif kind == "zset":
+            chunks += [member for member, _ in redis.zrange(name, 0, -1, withscores=True)]
+        elif kind == "stream":
+            for _id, fields in redis.xrange(name):
+                for k, v in fields.items():
+                    chunks += [k, v]
+        else:
+            raise AssertionError(f"redis_dump: unhandled type {kind} for {name!r}")
+    return b"\n".join(chunks)

@@ -15,7 +15,7 @@ from typing import Any
 import redis.exceptions
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from rq import Worker
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException
 
 from app import status
 from app.errors import InvalidMailError, QueueUnavailableError
@@ -68,9 +68,10 @@ def json_body() -> dict[str, Any]:
     """The request's JSON object, or an ApiError saying what is wrong with it."""
     if not request.is_json:
         raise ApiError(415, "expected Content-Type: application/json")
-    data = request.get_json(silent=True)
-    if data is None:
-        raise ApiError(400, "the body is not valid JSON")
+    try:
+        data = request.get_json()
+    except BadRequest:
+        raise ApiError(400, "the body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
     return data

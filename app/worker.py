@@ -1,7 +1,8 @@
 """`AppWorker`: the `rq worker -w app.worker.AppWorker` class of the Procfile.
 
 - Builds the Flask app once, at start-up, so a bad configuration stops the
-  worker before it takes a job, and runs every job in a fresh app context.
+  worker (one line naming the key, exit status 1) before it takes a job, and
+  runs every job in a fresh app context.
 - Runs jobs in-process (no fork per job: a fork re-imports nothing, but costs
   ~3 ms and loses the reused SMTP connection); job timeouts still apply
   through SIGALRM.
@@ -30,6 +31,7 @@ from rq.worker import SimpleWorker
 
 from app import create_app
 from app.config import load_dotenv_file
+from app.errors import ConfigError
 from app.queues import get_redis
 
 # `rq worker` reads REDIS_URL from the environment before it builds this class:
@@ -100,7 +102,12 @@ class AppWorker(SimpleWorker):
     log_result_lifespan = False
 
     def __init__(self, queues: Sequence[Any] | Any, *args: Any, **kwargs: Any) -> None:
-        self.app = create_app()
+        try:
+            self.app = create_app()
+        except ConfigError as err:
+            # One line naming the key, not rq's logged traceback; SystemExit passes
+            # through `rq worker`'s catch-all and exits non-zero before any job is taken.
+            raise SystemExit(f"mailqueue worker not started: {err}") from err
         # The app's REDIS_URL and our queue class and serializer, whatever the CLI built.
         items = [queues] if isinstance(queues, str | Queue) else list(queues)
         names = [q if isinstance(q, str) else q.name for q in items]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 from redis import Redis
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
@@ -40,3 +44,27 @@ def redis_dump(redis: Redis) -> bytes:
         else:
             raise AssertionError(f"redis_dump: unhandled type {kind} for {name!r}")
     return b"\n".join(chunks)
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def procfile() -> dict[str, str]:
+    """The Procfile's process lines, by name."""
+    lines: dict[str, str] = {}
+    for line in (PROJECT_ROOT / "Procfile").read_text().splitlines():
+        name, sep, command = line.partition(":")
+        if sep and name.strip() and not name.lstrip().startswith("#"):
+            lines[name.strip()] = command.strip()
+    return lines
+
+
+def subprocess_env(**overrides: str) -> dict[str, str]:
+    """This test's environment (fixtures included) with the venv's bin first on PATH,
+    as a Procfile host or honcho would run a line."""
+    environ = dict(os.environ)
+    environ["PATH"] = f"{VENV_BIN}{os.pathsep}{environ.get('PATH', '')}"
+    environ.pop("PYTEST_CURRENT_TEST", None)
+    environ.update(overrides)
+    return environ

@@ -1,0 +1,171 @@
+"""The dev stack (`python -m app.devstack`, what `make run` runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from email.parser import BytesParser
+from email.policy import default as default_policy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import devstack
+from tests.helpers import subprocess_env
+from tests.servers import free_port, wait_until
+
+
+def test_redis_server_from_the_environment_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake = tmp_path / "my-redis"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("REDIS_SERVER", str(fake))
+    assert devstack.find_redis_server() == str(fake)
+    monkeypatch.setenv("REDIS_SERVER", str(tmp_path / "missing"))
+    with pytest.raises(devstack.DevStackError, match=r"REDIS_SERVER=.*missing is not an exec"):
+        devstack.find_redis_server()
+
+
+def test_missing_redis_server_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("REDIS_SERVER", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
+    monkeypatch.chdir(tmp_path)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        code = devstack.main(["--local-dir", str(tmp_path / ".local")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 1
+    output = capsys.readouterr().out
+    assert "redis-server not found" in output
+    assert "apt-get install redis-server" in output and "REDIS_SERVER=" in output
+
+
+def test_generated_secrets_persist_and_are_private(tmp_path: Path) -> None:
+    first = devstack.persistent_secret(tmp_path / "api_token")
+    assert len(first) >= 40
+    assert devstack.persistent_secret(tmp_path / "api_token") == first
+    assert stat.S_IMODE((tmp_path / "api_token").stat().st_mode) == 0o600
+    assert devstack.persistent_secret(tmp_path / "secret_key") != first
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below `root`, from /proc (Linux)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def http(url: str, body: dict[str, Any] | None = None, token: str = "") -> tuple[int, Any]:
+    request = urllib.request.Request(url, method="POST" if body is not None else "GET")  # noqa: S310
+    if body is not None:
+        request.data = json.dumps(body).encode()
+        request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+    except OSError:
+        return 0, None
+
+
+@pytest.mark.slow
+def test_dev_stack_end_to_end(tmp_path: Path) -> None:
+    """Start it as `make run` does, send a mail through the API, find the .eml, Ctrl-C."""
+    local = tmp_path / ".local"
+    port = free_port()
+    log = (tmp_path / "devstack.log").open("w+b")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.devstack", "--local-dir", str(local)],
+        cwd=tmp_path,
+        env=subprocess_env(PORT=str(port)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+    def output() -> str:
+        log.flush()
+        return (tmp_path / "devstack.log").read_text(errors="replace")
+
+    base = f"http://127.0.0.1:{port}"
+    try:
+        ready = wait_until(
+            lambda: (
+                process.poll() is not None
+                or (lambda r: r[0] == 200 and r[1]["workers"] >= 1)(http(f"{base}/healthz"))
+            ),
+            timeout=60,
+            interval=0.2,
+        )
+        assert ready and process.poll() is None, output()
+
+        token = (local / "api_token").read_text().strip()
+        assert output().count(token) >= 1  # printed for the user
+        body = {"to": "you@example.com", "subject": "Hi", "template": "test",
+                "context": {"address": "you"}}  # fmt: skip
+        code, reply = http(f"{base}/api/mail", body, token)
+        assert code == 202, reply
+
+        outbox = local / "outbox"
+        assert wait_until(lambda: list(outbox.glob("*.eml")), timeout=30), output()
+        [eml] = list(outbox.glob("*.eml"))
+        message = BytesParser(policy=default_policy).parsebytes(eml.read_bytes())
+        assert message["Message-ID"].startswith(f"<{reply['id']}@")
+        assert message.get_content_type() == "multipart/alternative"
+        assert wait_until(lambda: f"file={eml}" in output(), timeout=10), output()
+        code, view = http(f"{base}/api/mail/{reply['id']}", token=token)
+        assert view["status"] == "sent"
+        assert (local / "redis" / "appendonlydir").is_dir()  # AOF on, under .local/redis
+
+        children = descendants(process.pid)
+        assert len(children) >= 6, output()  # redis, sink, honcho's runners, web, worker, ...
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0, output()
+        stop_seconds = time.monotonic() - started
+        assert wait_until(lambda: not any(alive(pid) for pid in children), timeout=10), [
+            pid for pid in children if alive(pid)
+        ]
+        assert "redis-server stopped" in output() and "mail sink stopped" in output()
+        assert stop_seconds < 15
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()

@@ -7,6 +7,8 @@
   127.0.0.1, which stores every message under `.local/outbox/` and logs one
   line per message; MAIL_DEV_OUTBOX tells every process where that folder is.
 - SECRET_KEY and API_TOKEN: unless set, generated once and kept in `.local/`.
+- While it runs, `.local/devstack.env` holds the settings it chose, so another
+  shell can `. .local/devstack.env` and use the same Redis and sink.
 - Then runs the Procfile's processes (web, worker, scheduler) with honcho.
   Ctrl-C (or SIGTERM) stops them, then the sink and Redis it started.
 
@@ -19,19 +21,21 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
 
 from app import PROJECT_ROOT
 from app import config as settings
+from app.config import SPEC
 from app.errors import ConfigError
 
 INSTALL_HINT = (
@@ -144,6 +148,25 @@ def persistent_secret(path: Path) -> str:
     return value
 
 
+@contextmanager
+def env_file(path: Path, environ: dict[str, str], original: Mapping[str, str]) -> Iterator[None]:
+    """While the stack runs, the settings it chose, for `. .local/devstack.env` in another
+    shell (flask mail send-test, rq info). Private: it holds the API token."""
+    chosen = {
+        key: value
+        for key, value in environ.items()
+        if (key in SPEC or key in ("PORT", "WEB_HOST")) and original.get(key) != value
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("# Written by python -m app.devstack while it runs; removed when it stops.\n")
+        handle.writelines(f"{key}={shlex.quote(value)}\n" for key, value in sorted(chosen.items()))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def run_procfile(environ: dict[str, str]) -> int:
     """Run the Procfile's processes until one exits or we are signalled; honcho's code."""
     from honcho.environ import parse_procfile
@@ -204,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not environ.get(key):
                     environ[key] = persistent_secret(local / key.lower())
             check_config(environ)
+            stack.enter_context(env_file(local / "devstack.env", environ, os.environ))
             banner(environ, local)
             code = run_procfile(environ)
     except KeyboardInterrupt:

@@ -144,13 +144,25 @@ def test_dev_stack_end_to_end(tmp_path: Path) -> None:
 
         outbox = local / "outbox"
         assert wait_until(lambda: list(outbox.glob("*.eml")), timeout=30), output()
-        [eml] = list(outbox.glob("*.eml"))
+        [eml] = list(outbox.glob("*.eml"))  # exactly one so far
         message = BytesParser(policy=default_policy).parsebytes(eml.read_bytes())
         assert message["Message-ID"].startswith(f"<{reply['id']}@")
         assert message.get_content_type() == "multipart/alternative"
         assert wait_until(lambda: f"file={eml}" in output(), timeout=10), output()
         code, view = http(f"{base}/api/mail/{reply['id']}", token=token)
         assert view["status"] == "sent"
+
+        # Another shell, as the README says: source .local/devstack.env, flask mail send-test.
+        env_file = local / "devstack.env"
+        assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+        sent = subprocess.run(
+            ["/bin/sh", "-c", f"set -a; . {env_file}; set +a; flask --app app mail send-test "
+             "cli@example.com"],
+            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60,
+            check=False,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        assert wait_until(lambda: len(list(outbox.glob("*.eml"))) == 2, timeout=30), output()
         assert (local / "redis" / "appendonlydir").is_dir()  # AOF on, under .local/redis
 
         children = descendants(process.pid)
@@ -163,6 +175,7 @@ def test_dev_stack_end_to_end(tmp_path: Path) -> None:
             pid for pid in children if alive(pid)
         ]
         assert "redis-server stopped" in output() and "mail sink stopped" in output()
+        assert not env_file.exists()
         assert stop_seconds < 15
     finally:
         if process.poll() is None:

@@ -23,5 +23,6 @@ test: $(BIN)/python
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
 	  echo "mailqueue needs Python 3.11 or newer; $(PYTHON) is older (try: make PYTHON=python3.11 ...)"; exit 1; }
-	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	@echo "creating $(VENV) with $(PYTHON) -m venv"
+	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
 	  echo "python3 -m venv failed: on Debian/Ubuntu install it with: apt-get install python3-venv"; exit 1; }

@@ -1,26 +1,166 @@
-"""The Procfile's `scheduler:` process: register periodic jobs, then run rq-scheduler.
+"""The Procfile's `scheduler:` process: register the periodic jobs, then run rq-scheduler.
 
-Digest dispatch registration lands with the digest issue; until then this only
-runs rq-scheduler's loop so the Procfile line works.
+rq-scheduler 0.14 is kept behind this file; the traps it sets are handled here:
+
+- `cron()` without a fixed id adds a copy at every start: every periodic job has a
+  fixed id, is re-registered only when its definition changed, and any other
+  registration of ours (an older version's id, a pickled job) is removed. Running
+  this any number of times leaves exactly PERIODIC registered.
+- Cron strings are evaluated in the process's local time zone: TZ is pinned to UTC
+  in-process (the Procfile says TZ=UTC too).
+- It has no serializer argument and builds jobs with its job class's default
+  (pickle): it gets app.queues.JSONJob, which AppWorker can read.
+- Its lock lives interval + 10 s: a cycle only moves due job ids onto a queue (the
+  dispatch itself runs in a worker), so it stays far shorter than that.
+- Two schedulers at once may both enqueue a dispatch; the dispatcher claims due
+  subscribers atomically, so the second finds nothing to do.
+- crontab warns (FutureWarning) on every cron() call and every cycle: that one
+  warning is filtered, nothing else.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
 
+from redis import Redis
 from rq_scheduler import Scheduler
 
 from app import create_app
-from app.queues import get_redis
+from app.digests import DISPATCH_JOB
+from app.queues import DIGEST_QUEUE, QUEUE_NAMES, JSONJob, get_redis
+
+log = logging.getLogger("mailqueue.scheduler")
+
+# Seconds between two looks at the schedule (rq-scheduler's lock lives this + 10 s).
+POLL_INTERVAL = 30
+ID_PREFIX = "mailqueue-"
+FINGERPRINT = "mailqueue_periodic"
 
 
-def main() -> None:
-    app = create_app()
+@dataclass(frozen=True)
+class Periodic:
+    """One periodic job: a fixed id, a UTC cron string, a job function path."""
+
+    id: str
+    cron: str
+    func: str
+    queue: str
+    timeout: int
+    description: str
+
+    def fingerprint(self) -> str:
+        return json.dumps([self.func, self.cron, self.queue, self.timeout, self.description])
+
+
+PERIODIC = (
+    Periodic(
+        id=f"{ID_PREFIX}digest-dispatch",
+        cron="*/5 * * * *",
+        func=DISPATCH_JOB,
+        queue=DIGEST_QUEUE,
+        timeout=240,
+        description="digest dispatch (every 5 minutes, UTC)",
+    ),
+)
+
+
+def pin_utc() -> None:
+    """Cron strings are read in local time (rq-scheduler, crontab): make local time UTC."""
+    os.environ["TZ"] = "UTC"
+    time.tzset()
+
+
+def quiet_crontab() -> None:
+    """crontab's FutureWarning about a future default, raised through rq_scheduler.utils."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Version 0\.22\.0\+ of crontab",
+        category=FutureWarning,
+        module=r"rq_scheduler\.utils",
+    )
+
+
+def make_scheduler(redis: Redis, interval: int = POLL_INTERVAL) -> Scheduler:
+    return Scheduler(
+        queue_name=DIGEST_QUEUE, connection=redis, interval=interval, job_class=JSONJob
+    )
+
+
+def register(scheduler: Scheduler, periodic: tuple[Periodic, ...] = PERIODIC) -> dict[str, str]:
+    """Make rq-scheduler's registrations of ours exactly `periodic`; return what was done
+    per job id (kept, registered, removed).
+
+    Reads job hashes raw, so a registration this code cannot deserialize (an older
+    version's pickled job) is still recognised by its queue and removed.
+    """
+    redis: Redis = scheduler.connection
+    wanted = {job.id: job for job in periodic}
+    done: dict[str, str] = {}
+    raw_ids: Any = redis.zrange(scheduler.scheduled_jobs_key, 0, -1)
+    for raw_id in raw_ids:
+        job_id = raw_id.decode()
+        fields: Any = redis.hmget(JSONJob.key_for(job_id), ["origin", "meta"])
+        origin, meta = fields
+        if job_id in wanted and _fingerprint(meta) == wanted[job_id].fingerprint():
+            done[job_id] = "kept"
+            continue
+        ours = job_id.startswith(ID_PREFIX) or (origin or b"").decode() in QUEUE_NAMES
+        if job_id in wanted or ours or origin is None:
+            # Changed, stale, or a registration whose job data is gone: drop it.
+            scheduler.cancel(job_id)
+            redis.delete(JSONJob.key_for(job_id))
+            if job_id not in wanted:
+                done[job_id] = "removed"
+    for job in periodic:
+        if done.get(job.id) == "kept":
+            continue
+        scheduler.cron(
+            job.cron,
+            func=job.func,
+            id=job.id,
+            queue_name=job.queue,
+            timeout=job.timeout,
+            description=job.description,
+            # Kept after each run: rq-scheduler re-schedules this same job hash.
+            result_ttl=-1,
+            meta={FINGERPRINT: job.fingerprint()},
+        )
+        done[job.id] = "registered"
+    return done
+
+
+def _fingerprint(raw_meta: bytes | None) -> str | None:
+    try:
+        meta = json.loads(raw_meta) if raw_meta else {}
+    except ValueError:
+        return None  # not JSON: an older, pickled registration
+    return meta.get(FINGERPRINT) if isinstance(meta, dict) else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--burst", action="store_true", help="register, run one cycle, and exit (for tests)"
+    )
+    parser.add_argument("--interval", type=int, default=POLL_INTERVAL, help="seconds per cycle")
+    args = parser.parse_args(argv)
+    pin_utc()
+    quiet_crontab()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s scheduler %(levelname)s %(message)s"
     )
-    scheduler = Scheduler(queue_name="digests", connection=get_redis(app), interval=60)
-    scheduler.run()
+    app = create_app()
+    scheduler = make_scheduler(get_redis(app), args.interval)
+    for job_id, action in register(scheduler).items():
+        log.info("periodic job %s: %s", job_id, action)
+    scheduler.run(burst=args.burst)
 
 
 if __name__ == "__main__":

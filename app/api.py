@@ -17,8 +17,8 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from rq import Worker
 from werkzeug.exceptions import BadRequest, HTTPException
 
-from app import status
-from app.errors import InvalidMailError, QueueUnavailableError
+from app import digests, status
+from app.errors import InvalidMailError, QueueUnavailableError, SubscriberNotFoundError
 from app.mail import enqueue, prepare
 from app.queues import QUEUE_NAMES, get_queue, get_redis
 
@@ -142,6 +142,64 @@ def get_mail(mail_id: str) -> Response:
     return jsonify(record.public())
 
 
+SUBSCRIBER_FIELDS = {"timezone", "frequency", "hour", "weekday"}
+ITEM_FIELDS = {"title", "url", "body", "kind"}
+
+
+def refuse_unknown(data: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]}", unknown[0])
+
+
+@bp.put("/subscribers/<email>")
+def put_subscriber(email: str) -> tuple[Response, int]:
+    """Create (201) or replace (200) a digest subscriber. PUT replaces: an omitted
+    hour or weekday goes back to its default. `weekday` is accepted (and kept) for
+    daily subscribers too; it only matters once they are weekly."""
+    data = json_body()
+    refuse_unknown(data, SUBSCRIBER_FIELDS)
+    timezone = field(data, "timezone", str)
+    frequency = field(data, "frequency", str)
+    hour = field(data, "hour", int, required=False)
+    weekday = field(data, "weekday", str, required=False)
+    created = digests.upsert_subscriber(
+        email,
+        timezone,
+        frequency,
+        digests.DEFAULT_HOUR if hour is None else hour,
+        weekday or digests.DEFAULT_WEEKDAY,
+    )
+    return jsonify(digests.describe_subscriber(email)), 201 if created else 200
+
+
+@bp.get("/subscribers/<email>")
+def get_subscriber(email: str) -> Response:
+    return jsonify(digests.describe_subscriber(email))
+
+
+@bp.delete("/subscribers/<email>")
+def delete_subscriber(email: str) -> tuple[str, int]:
+    if not digests.delete_subscriber(email):
+        raise SubscriberNotFoundError(digests.normalize_email(email))
+    return "", 204
+
+
+@bp.post("/subscribers/<email>/items")
+def post_item(email: str) -> tuple[Response, int]:
+    """Queue one item for the subscriber's next digest (discarded while they are off)."""
+    data = json_body()
+    refuse_unknown(data, ITEM_FIELDS)
+    title = field(data, "title", str)
+    url = field(data, "url", str, required=False)
+    body = field(data, "body", str, required=False)
+    kind = field(data, "kind", str, required=False)
+    pending = digests.add_item(email, title, url=url, body=body, kind=kind)
+    if pending is None:
+        return jsonify({"status": "discarded", "reason": "the subscriber's frequency is off"}), 202
+    return jsonify({"status": "queued", "pending_items": pending}), 202
+
+
 @health.get("/healthz")
 def healthz() -> tuple[Response, int]:
     """Redis reachable, queue depths, workers: 200 when Redis answers, else 503."""
@@ -171,6 +229,10 @@ def _invalid_mail(err: InvalidMailError) -> Response:
     return error_response(400, str(err), err.field)
 
 
+def _not_found(err: SubscriberNotFoundError) -> Response:
+    return error_response(404, str(err), "email")
+
+
 def _unavailable(err: Exception) -> Response:
     log.error("redis unavailable: %s", err)
     return error_response(503, "the queue is unavailable (Redis unreachable); nothing was queued")
@@ -193,6 +255,7 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(health)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(InvalidMailError, _invalid_mail)
+    app.register_error_handler(SubscriberNotFoundError, _not_found)
     app.register_error_handler(QueueUnavailableError, _unavailable)
     app.register_error_handler(redis.exceptions.RedisError, _unavailable)
     app.register_error_handler(HTTPException, _http_error)

@@ -129,6 +129,14 @@ SPEC: dict[str, tuple[Callable[[str, str], Any], str, tuple[str, ...]]] = {
     # Set by the dev stack (python -m app.devstack) to the folder where its SMTP sink stores
     # every message as an .eml file; empty when mail goes to a real server.
     "MAIL_DEV_OUTBOX": (_str, "", ()),
+    # Digests: subscribers per digest job, pending items kept per subscriber (oldest
+    # dropped beyond it), seconds one digest job may run, seconds a digest's mail record
+    # is kept once finished (shorter than MAIL_STATUS_TTL: there is one per subscriber
+    # per period, and the subscriber's handled period is what prevents a resend).
+    "DIGEST_CHUNK_SIZE": (_int_parser(1, 1000), "100", ()),
+    "DIGEST_MAX_ITEMS": (_int_parser(1, 10000), "200", ()),
+    "DIGEST_JOB_TIMEOUT": (_int_parser(30), "600", ()),
+    "DIGEST_STATUS_TTL": (_int_parser(3600), str(2 * 24 * 3600), ()),
 }
 
 

@@ -39,6 +39,22 @@ class InvalidScheduleError(InvalidMailError):
     """`send_at`/`delay` is malformed or contradictory."""
 
 
+class InvalidSubscriberError(InvalidMailError):
+    """A subscriber's address, time zone, frequency, hour or weekday is invalid."""
+
+
+class InvalidItemError(InvalidMailError):
+    """A digest item's title, url, body or kind is invalid."""
+
+
+class SubscriberNotFoundError(MailQueueError, LookupError):
+    """No digest subscriber has this address (the API answers 404)."""
+
+    def __init__(self, email: str) -> None:
+        super().__init__(f"no subscriber {email}")
+        self.email = email
+
+
 class QueueUnavailableError(MailQueueError):
     """Redis could not be reached; nothing was enqueued."""
 

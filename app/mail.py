@@ -63,31 +63,63 @@ def render_email(template: str, **context: Any) -> RenderedEmail:
     return RenderedEmail(text=text, html=html)
 
 
+# Headers whose value is a list of <URL>s (RFC 2369, RFC 8058). The email package
+# folds a line over 78 characters that has no space to break at into RFC 2047
+# encoded-words, which mail clients do not decode there; these are written as they
+# are instead (lines up to RFC 5322's hard limit of 998 characters are valid).
+VERBATIM_HEADERS = ("List-Unsubscribe",)
+MAX_HEADER_LINE = 998
+
+
+class _Verbatim(str):
+    """A header value the generator writes unchanged (see VERBATIM_HEADERS)."""
+
+    name: str
+
+    def __new__(cls, name: str, value: str) -> _Verbatim:
+        obj = super().__new__(cls, value)
+        obj.name = name
+        return obj
+
+    def fold(self, *, policy: Any) -> str:
+        return f"{self.name}: {self}{policy.linesep}"
+
+
 class MailMessage(Message):
     """Flask-Mail's Message, but text + html without attachments is a top-level
-    multipart/alternative (Flask-Mail wraps it in a needless multipart/mixed)."""
+    multipart/alternative (Flask-Mail wraps it in a needless multipart/mixed), and
+    URL-list headers are not mangled by folding."""
 
     def _message(self) -> Any:
-        outer: Any = super()._message()
-        parts = outer.get_payload()
+        message: Any = super()._message()
+        parts = message.get_payload()
         if (
-            outer.get_content_type() == "multipart/mixed"
+            message.get_content_type() == "multipart/mixed"
             and len(parts) == 1
             and parts[0].get_content_type() == "multipart/alternative"
         ):
             inner: Any = parts[0]
-            for name, value in outer.items():
+            for name, value in message.items():
                 if name.lower() not in ("content-type", "mime-version"):
                     inner[name] = value
-            inner.policy = outer.policy
-            return inner
-        return outer
+            inner.policy = message.policy
+            message = inner
+        for name in VERBATIM_HEADERS:
+            value = message.get(name)
+            text = str(value) if value is not None else ""
+            if text and text.isascii() and len(name) + 2 + len(text) <= MAX_HEADER_LINE:
+                message.replace_header(name, _Verbatim(name, text))
+        return message
 
 
-def build_message(record: status.MailRecord) -> Message:
-    """The Flask-Mail Message for a record: prefix, sender, stable Message-ID, both parts."""
+def build_message(record: status.MailRecord, context: Mapping[str, Any] | None = None) -> Message:
+    """The Flask-Mail Message for a record: prefix, sender, stable Message-ID, both parts.
+
+    `context` replaces the record's own (a digest renders from its claimed items,
+    which are not copied into the record).
+    """
     config = current_app.config
-    rendered = render_email(record.template, **record.context)
+    rendered = render_email(record.template, **(record.context if context is None else context))
     prefix = config["MAIL_SUBJECT_PREFIX"]
     message = MailMessage(
         subject=f"{prefix} {record.subject}" if prefix else record.subject,

@@ -12,6 +12,7 @@ from typing import Any
 from flask import Flask, current_app
 from redis import Redis
 from rq import Queue
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 MAIL_QUEUE = "mail"
@@ -61,3 +62,16 @@ def get_queue(name: str = MAIL_QUEUE, app: Flask | None = None) -> Queue:
         queue = Queue(name, connection=state.redis, serializer=JSONSerializer)
         state.queues[name] = queue
     return queue
+
+
+class JSONJob(Job):
+    """A Job that always reads and writes its data as JSON.
+
+    For rq-scheduler, which has no serializer argument and builds its jobs with
+    its job class's default (pickle), which AppWorker would refuse to read.
+    """
+
+    def __init__(
+        self, id: str | None = None, connection: Redis | None = None, serializer: Any = None
+    ):
+        super().__init__(id=id, connection=connection, serializer=JSONSerializer)

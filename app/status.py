@@ -142,17 +142,30 @@ def load(redis: Redis, mail_id: str) -> MailRecord | None:
     return MailRecord.from_redis(raw) if raw else None
 
 
-def begin_attempt(redis: Redis, mail_id: str, lease_seconds: int) -> tuple[str, MailRecord | None]:
+def begin_attempt(
+    redis: Redis,
+    mail_id: str,
+    lease_seconds: int,
+    *,
+    create: MailRecord | None = None,
+    create_ttl: int | None = None,
+) -> tuple[str, MailRecord | None]:
     """Claim one delivery attempt in a single round trip.
 
     Returns ("missing", None) for a purged record, ("sent", record) when an
     earlier attempt was already accepted, ("busy", record) when another
     worker holds the lease, else ("go", record) with status `sending` and
-    attempts incremented.
+    attempts incremented. With `create`, a missing record is written first
+    (expiring after `create_ttl` seconds until it is finished), so a job that
+    builds its record itself (a digest) needs no extra round trip.
     """
-    reply: Any = redis.eval(
-        _BEGIN_ATTEMPT, 2, key(mail_id), lease_key(mail_id), str(lease_seconds), now_iso()
-    )
+    args: list[str] = [str(lease_seconds), now_iso(), str(create_ttl or 0)]
+    if create is not None:
+        stamp = now_iso()
+        create.created_at = create.created_at or stamp
+        create.updated_at = stamp
+        args.extend(_flatten(create.to_redis()))
+    reply: Any = redis.eval(_BEGIN_ATTEMPT, 2, key(mail_id), lease_key(mail_id), *args)
     outcome, raw = reply
     if not raw:
         return outcome.decode(), None
@@ -173,19 +186,24 @@ def update(redis: Redis | Pipeline, mail_id: str, **fields: Any) -> None:
 
 def finish(redis: Redis, mail_id: str, status: str, ttl: int, **fields: Any) -> None:
     """Move a record to a final state, release its lease and start its retention clock."""
+    with redis.pipeline() as pipe:
+        queue_finish(pipe, mail_id, status, ttl, **fields)
+        pipe.execute()
+
+
+def queue_finish(pipe: Pipeline, mail_id: str, status: str, ttl: int, **fields: Any) -> None:
+    """`finish` on the caller's pipeline, so it can share a MULTI/EXEC with other writes."""
     stamp = now_iso()
     mapping = {name: _encode(value) for name, value in fields.items()}
     mapping.update(status=status, updated_at=stamp)
     if status == SENT:
         mapping["sent_at"] = stamp
-    with redis.pipeline() as pipe:
-        pipe.eval(_UPDATE_IF_EXISTS, 2, key(mail_id), lease_key(mail_id), *_flatten(mapping))
-        pipe.expire(key(mail_id), ttl)
-        if status == FAILED:
-            pipe.zadd(FAILED_INDEX, {mail_id: datetime.now(UTC).timestamp()})
-        else:
-            pipe.zrem(FAILED_INDEX, mail_id)
-        pipe.execute()
+    pipe.eval(_UPDATE_IF_EXISTS, 2, key(mail_id), lease_key(mail_id), *_flatten(mapping))
+    pipe.expire(key(mail_id), ttl)
+    if status == FAILED:
+        pipe.zadd(FAILED_INDEX, {mail_id: datetime.now(UTC).timestamp()})
+    else:
+        pipe.zrem(FAILED_INDEX, mail_id)
 
 
 def _encode(value: Any) -> str:
@@ -210,13 +228,19 @@ end
 return 0
 """
 
-# KEYS: record, lease. ARGV: lease seconds, now.
+# KEYS: record, lease. ARGV: lease seconds, now, TTL for a created record (0: none),
+# then the field/value pairs of a record to create when it is missing (optional).
 _BEGIN_ATTEMPT = """
-local raw = redis.call('HGETALL', KEYS[1])
-if #raw == 0 then return {'missing', false} end
-if redis.call('HGET', KEYS[1], 'status') == 'sent' then return {'sent', raw} end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if #ARGV < 4 then return {'missing', false} end
+  redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+  if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3])) end
+end
+if redis.call('HGET', KEYS[1], 'status') == 'sent' then
+  return {'sent', redis.call('HGETALL', KEYS[1])}
+end
 if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[1])) then
-  return {'busy', raw}
+  return {'busy', redis.call('HGETALL', KEYS[1])}
 end
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'sending', 'updated_at', ARGV[2])

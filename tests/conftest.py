@@ -13,6 +13,8 @@ from redis import Redis
 
 from app import create_app
 from app.config import SPEC
+from app.queues import get_redis
+from app.smtp import get_mailer
 from app.worker import AppWorker
 from tests.servers import RedisServer, SMTPServer
 
@@ -91,8 +93,12 @@ def env(
 
 
 @pytest.fixture
-def app(env: dict[str, str]) -> Flask:
-    return create_app({"TESTING": True})
+def app(env: dict[str, str]) -> Iterator[Flask]:
+    app = create_app({"TESTING": True})
+    yield app
+    # Nothing left open for the garbage collector to warn about in a later test.
+    get_mailer(app).close()
+    get_redis(app).close()
 
 
 @pytest.fixture
@@ -115,6 +121,7 @@ def run_worker(queues: tuple[str, ...] = ("mail", "digests")) -> AppWorker:
     """Work every queued job in this process, as `rq worker --burst` would."""
     worker = AppWorker(list(queues))
     worker.work(burst=True, logging_level="WARNING")
+    get_redis(worker.app).close()
     return worker
 
 

@@ -1,0 +1,174 @@
+"""Digest jobs: the periodic dispatcher, and digests for a chunk of subscribers.
+
+`send_digests` takes `[[email, period], ...]` (plain JSON, DIGEST_CHUNK_SIZE
+pairs) and, per subscriber, claims the pending items, renders and sends the
+digest over the worker's persistent SMTP connection, then marks the period
+handled, drops the claimed items and finishes the mail record in one
+MULTI/EXEC. A crash or retry anywhere before that reuses the claimed items and
+the same mail id, so nothing is lost and a period is not sent twice (see
+app/digests.py for the data).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from datetime import datetime
+
+from flask import current_app
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import get_current_job
+from rq.timeouts import JobTimeoutException
+
+from app import digests, status
+from app.errors import DeliveryError, MailInFlightError, TransientDeliveryError
+from app.mail import build_message
+from app.queues import get_redis
+from app.smtp import get_mailer
+
+log = logging.getLogger("mailqueue.jobs.digest")
+
+
+def dispatch(at: str | None = None) -> dict[str, int]:
+    """The periodic job rq-scheduler enqueues: hand every due digest to a job."""
+    now = datetime.fromisoformat(at) if at else None
+    result = digests.dispatch_due(now)
+    log.info(
+        "digest dispatch: %d due, %d enqueued in %d jobs, %d skipped",
+        result.due,
+        result.enqueued,
+        result.jobs,
+        result.skipped,
+    )
+    return result.as_dict()
+
+
+def send_digests(pairs: list[list[str]]) -> dict[str, int]:
+    """Send the digest of each `[email, period]`; return counts per outcome.
+
+    A permanent failure (5xx, a template error) fails that subscriber's period only:
+    its items go back to the live list for the next digest and the record says why.
+    A transient one is retried by RQ for the subscribers it concerns (the others are
+    done and skip quickly); a failure of the connection itself stops the chunk at
+    once rather than time out on every remaining subscriber.
+    """
+    redis = get_redis()
+    valid = [
+        (str(pair[0]), str(pair[1]))
+        for pair in pairs
+        if isinstance(pair, list | tuple) and len(pair) == 2
+    ]
+    if len(valid) != len(pairs):
+        log.error("digest job: ignoring %d malformed pairs", len(pairs) - len(valid))
+    counts: Counter[str] = Counter()
+    deferred: list[tuple[digests.Claim, DeliveryError]] = []
+    claims = digests.claim_many(redis, valid)
+    for index, claim in enumerate(claims):
+        if claim.outcome == "busy":
+            deferred.append((claim, MailInFlightError(f"{claim.email}: another job holds it")))
+            continue
+        if claim.outcome != "go":
+            counts[claim.outcome] += 1
+            continue
+        try:
+            counts[_deliver(redis, claim)] += 1
+        except (JobTimeoutException, RedisError):
+            raise  # the job's own trouble: RQ records and retries it; claims are kept
+        except TransientDeliveryError as err:
+            deferred.append((claim, err))
+            if not (err.refused or isinstance(err, MailInFlightError)):
+                # The server or the connection, not this recipient: do not hammer it.
+                rest = [c for c in claims[index + 1 :] if c.outcome in ("go", "busy")]
+                deferred.extend((c, err) for c in rest)
+                break
+        except Exception as err:
+            _give_up(redis, claim, err)
+            counts["failed"] += 1
+    if deferred:
+        _defer(redis, deferred, counts)
+    log.info("digest job: %s", dict(counts))
+    return dict(counts)
+
+
+def _deliver(redis: Redis, claim: digests.Claim) -> str:
+    """One subscriber's digest, once its items are claimed."""
+    subscriber = claim.subscriber
+    assert subscriber is not None
+    if not claim.items:
+        digests.settle(redis, claim.email, claim.period, mode="empty")
+        return "empty"
+    config = current_app.config
+    record = digests.digest_record(subscriber, claim.period, len(claim.items))
+    # Render before taking the record's lease: a crash while rendering leaves nothing
+    # to wait for, and the retry renders the same claimed items again.
+    context = digests.digest_context(subscriber, claim.period, claim.items)
+    message = build_message(record, context)
+    outcome, _ = status.begin_attempt(
+        redis,
+        record.id,
+        config["MAIL_JOB_TIMEOUT"] + 30,
+        create=record,
+        create_ttl=config["MAIL_STATUS_TTL"],
+    )
+    if outcome == "sent":
+        # An earlier attempt got it accepted but died before settling: settle now.
+        digests.settle(redis, claim.email, claim.period, mode="sent")
+        return "already sent"
+    if outcome == "busy":
+        raise MailInFlightError(f"digest {record.id} is being sent by another worker")
+    refused = get_mailer().send(message)
+    digests.settle(
+        redis,
+        claim.email,
+        claim.period,
+        mode="sent",
+        mail_id=record.id,
+        mail_status=status.SENT,
+        refused=refused,
+    )
+    return "sent"
+
+
+def _give_up(redis: Redis, claim: digests.Claim, err: Exception) -> None:
+    """This period failed for good: keep its items for the next digest, record why."""
+    reason = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__}: {err}"
+    log.error("digest %s %s: failed (%s)", claim.email, claim.period, reason)
+    mail_id = (
+        digests.digest_mail_id(claim.email, claim.period, claim.subscriber.gen)
+        if claim.subscriber
+        else None
+    )
+    refused = err.refused if isinstance(err, DeliveryError) else {}
+    digests.settle(
+        redis,
+        claim.email,
+        claim.period,
+        mode="giveup",
+        mail_id=mail_id,
+        mail_status=status.FAILED,
+        last_error=reason,
+        refused=refused,
+    )
+
+
+def _defer(
+    redis: Redis, deferred: list[tuple[digests.Claim, DeliveryError]], counts: Counter[str]
+) -> None:
+    """Retry the deferred subscribers through RQ (the claims stay), or give up on them
+    when no retry is left. Either way the job raises, so the failure is visible."""
+    job = get_current_job()
+    retries_left = job.retries_left if job is not None else 0
+    first = deferred[0][1]
+    for claim, err in deferred:
+        if retries_left:
+            digests.release(redis, claim.email, claim.period)
+            if claim.subscriber is not None and not isinstance(err, MailInFlightError):
+                mail_id = digests.digest_mail_id(claim.email, claim.period, claim.subscriber.gen)
+                status.update(redis, mail_id, status=status.RETRYING, last_error=str(err))
+        elif claim.outcome == "go":
+            _give_up(redis, claim, err)
+    counts["deferred" if retries_left else "failed"] += len(deferred)
+    log.warning("digest job: %s", dict(counts))
+    message = f"{len(deferred)} digests not sent ({'retrying' if retries_left else 'giving up'})"
+    raise TransientDeliveryError(f"{message}: {first}")

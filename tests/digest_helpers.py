@@ -1,0 +1,99 @@
+"""Helpers for digest tests: a dispatcher driven by a moving clock, bulk subscribers."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import time_machine
+from redis import Redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from app import digests
+from app.queues import DIGEST_QUEUE, get_queue
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """One [email, period] a dispatch run handed to a digest job, and when."""
+
+    at: datetime
+    email: str
+    period: str
+
+
+def utc(text: str) -> datetime:
+    parsed = datetime.fromisoformat(text)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def queued_pairs(keep: bool = False) -> list[tuple[str, str]]:
+    """Every [email, period] in the digests queue's jobs; the queue is emptied unless `keep`."""
+    queue = get_queue(DIGEST_QUEUE)
+    pairs = [
+        (str(email), str(period))
+        for job in queue.get_jobs()
+        if job.func_name == digests.DIGEST_JOB
+        for email, period in job.args[0]
+    ]
+    if not keep:
+        queue.empty()
+    return pairs
+
+
+def run_dispatcher(
+    traveller: time_machine.Coordinates,
+    start: datetime,
+    end: datetime,
+    step: timedelta = timedelta(minutes=5),
+) -> list[Dispatched]:
+    """Move the clock from `start` to `end`, dispatching every `step` as the cron would;
+    return what was dispatched (jobs are collected and dropped, not run)."""
+    out: list[Dispatched] = []
+    moment = start
+    while moment <= end:
+        traveller.move_to(moment)
+        if digests.dispatch_due().enqueued:
+            out.extend(Dispatched(moment, e, p) for e, p in queued_pairs())
+        moment += step
+    return out
+
+
+def bulk_subscribers(
+    redis: Redis, emails: list[str], zones: list[str], due: float, hour: int = 8
+) -> None:
+    """Write subscribers straight into Redis (as upsert would), all due at `due`."""
+    stamp = datetime.now(UTC).isoformat()
+    with redis.pipeline(transaction=False) as pipe:
+        for index, email in enumerate(emails):
+            mapping: Any = {
+                "timezone": zones[index % len(zones)],
+                "frequency": "daily",
+                "hour": str(hour),
+                "weekday": "monday",
+                "gen": secrets.token_hex(8),
+                "created": stamp,
+                "updated": stamp,
+            }
+            pipe.hset(digests.sub_key(email), mapping=mapping)
+            pipe.zadd(digests.DUE_KEY, {email: due})
+            if index % 5000 == 4999:
+                pipe.execute()
+        pipe.execute()
+
+
+def requeue_retries(redis: Redis) -> int:
+    """Move digest jobs waiting for a retry back onto the queue now (instead of waiting
+    for RQ's scheduler to do it after the interval)."""
+    queue = get_queue(DIGEST_QUEUE)
+    registry = queue.scheduled_job_registry
+    moved = 0
+    for job_id in registry.get_job_ids():
+        job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+        registry.remove(job)
+        queue.enqueue_job(job)
+        moved += 1
+    return moved

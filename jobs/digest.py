@@ -166,7 +166,8 @@ def _defer(
             if claim.subscriber is not None and not isinstance(err, MailInFlightError):
                 mail_id = digests.digest_mail_id(claim.email, claim.period, claim.subscriber.gen)
                 status.update(redis, mail_id, status=status.RETRYING, last_error=str(err))
-        elif claim.outcome == "go":
+        elif claim.outcome == "go" and not isinstance(err, MailInFlightError):
+            # (A digest in flight elsewhere is that worker's to settle.)
             _give_up(redis, claim, err)
     counts["deferred" if retries_left else "failed"] += len(deferred)
     log.warning("digest job: %s", dict(counts))

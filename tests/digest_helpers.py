@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -49,15 +50,27 @@ def run_dispatcher(
     start: datetime,
     end: datetime,
     step: timedelta = timedelta(minutes=5),
+    *,
+    deliver: bool = False,
+    every_step: Callable[[datetime], None] | None = None,
 ) -> list[Dispatched]:
     """Move the clock from `start` to `end`, dispatching every `step` as the cron would;
-    return what was dispatched (jobs are collected and dropped, not run)."""
+    return what was dispatched. The jobs are dropped, not run, unless `deliver` is
+    set: then each is run at once, as a worker would. `every_step(moment)` runs
+    before each dispatch (to add items, say)."""
     out: list[Dispatched] = []
     moment = start
     while moment <= end:
         traveller.move_to(moment)
+        if every_step is not None:
+            every_step(moment)
         if digests.dispatch_due().enqueued:
-            out.extend(Dispatched(moment, e, p) for e, p in queued_pairs())
+            pairs = queued_pairs()
+            out.extend(Dispatched(moment, e, p) for e, p in pairs)
+            if deliver:
+                from jobs.digest import send_digests
+
+                send_digests([list(pair) for pair in pairs])
         moment += step
     return out
 

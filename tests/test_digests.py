@@ -73,6 +73,34 @@ def test_dst_days_get_exactly_one_digest_at_the_right_instant(
     assert [(d.period, d.at) for d in sent] == list(zip(periods, instants, strict=True))
 
 
+@pytest.mark.parametrize(("zone", "hour"), [("Europe/Berlin", 2), ("America/New_York", 1)])
+def test_fall_back_day_delivers_one_mail_per_day_with_items_arriving_all_the_time(
+    app_ctx: Flask, smtp_server: SMTPServer, zone: str, hour: int
+) -> None:
+    """The repeated hour of a fall-back night (02:xx in Berlin, 01:xx in New York) is
+    walked through twice by the clock; its digest still goes out once."""
+    tz = ZoneInfo(zone)
+    start = datetime(2026, 10, 24 if zone == "Europe/Berlin" else 31, tzinfo=tz).astimezone(UTC)
+
+    def new_item(moment: datetime) -> None:
+        if moment.minute % 30 == 0:
+            digests.add_item(ANN, f"item at {moment:%d %H:%M}")
+
+    with time_machine.travel(start, tick=False) as traveller:
+        digests.upsert_subscriber(ANN, zone, "daily", hour=hour)
+        sent = run_dispatcher(
+            traveller, start, start + timedelta(days=3, minutes=-5), deliver=True,
+            every_step=new_item,
+        )  # fmt: skip
+    assert len(sent) == 3
+    received = smtp_server.wait_for(3)
+    assert len(received) == 3 and len({r.message_id for r in received}) == 3
+    texts = [r.part("text/plain") for r in received]
+    # Every item went out exactly once, across the three digests.
+    items = [line for text in texts for line in text.splitlines() if line.startswith("* item")]
+    assert len(items) == len(set(items))
+
+
 @pytest.mark.parametrize(
     "zone",
     [

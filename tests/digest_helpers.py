@@ -10,8 +10,6 @@ from typing import Any
 
 import time_machine
 from redis import Redis
-from rq.job import Job
-from rq.serializers import JSONSerializer
 
 from app import digests
 from app.queues import DIGEST_QUEUE, get_queue
@@ -96,17 +94,3 @@ def bulk_subscribers(
             if index % 5000 == 4999:
                 pipe.execute()
         pipe.execute()
-
-
-def requeue_retries(redis: Redis) -> int:
-    """Move digest jobs waiting for a retry back onto the queue now (instead of waiting
-    for RQ's scheduler to do it after the interval)."""
-    queue = get_queue(DIGEST_QUEUE)
-    registry = queue.scheduled_job_registry
-    moved = 0
-    for job_id in registry.get_job_ids():
-        job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
-        registry.remove(job)
-        queue.enqueue_job(job)
-        moved += 1
-    return moved

@@ -42,6 +42,10 @@ DEFAULTS: dict[str, Any] = {
     "PUBLIC_URL": "http://localhost:5000",
     "WORKER_MAINTENANCE_INTERVAL": 60,
     "MAIL_DEV_OUTBOX": "",
+    "DIGEST_CHUNK_SIZE": 100,
+    "DIGEST_MAX_ITEMS": 200,
+    "DIGEST_JOB_TIMEOUT": 600,
+    "DIGEST_STATUS_TTL": 2 * 24 * 3600,
 }
 
 

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import shlex
 import subprocess
-import sys
 from collections import Counter
 from datetime import UTC, datetime
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from flask import Flask
 
 from app import digests
+from tests.helpers import PROJECT_ROOT, VENV_BIN, procfile, subprocess_env
 from tests.servers import SMTPServer
-from tests.test_scheduler import ROOT, procfile_command, subprocess_env
 
 ZONES = [
     "UTC",
@@ -30,10 +28,10 @@ ZONES = [
 
 
 def flask_cli(*args: str) -> str:
-    flask = str(Path(sys.executable).parent / "flask")
+    flask = str(VENV_BIN / "flask")
     result = subprocess.run(
         [flask, "--app", "app", *args],
-        cwd=ROOT,
+        cwd=PROJECT_ROOT,
         env=subprocess_env(),
         capture_output=True,
         text=True,
@@ -70,11 +68,11 @@ def test_digest_run_twice_then_the_procfile_worker_sends_one_digest_per_due_subs
     preview = flask_cli("digest", "preview", later[0]) if later else ""
     assert not later or "Not yet" in preview
 
-    command = [*shlex.split(procfile_command("worker")), "--burst"]
+    command = [*shlex.split(procfile()["worker"]), "--burst"]
     assert command[:2] == ["rq", "worker"]
-    command[0] = str(Path(sys.executable).parent / "rq")
+    command[0] = str(VENV_BIN / "rq")
     result = subprocess.run(
-        command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120
+        command, cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
 

@@ -12,7 +12,6 @@ import sys
 import warnings
 import zlib
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,9 +24,9 @@ from rq_scheduler.utils import get_next_scheduled_time
 import scheduler as scheduler_module
 from app import digests
 from app.queues import DIGEST_QUEUE, JSONJob, get_queue
+from tests.helpers import PROJECT_ROOT, procfile, subprocess_env
 from tests.servers import SMTPServer, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 DISPATCH_ID = "mailqueue-digest-dispatch"
 SCHEDULED = Scheduler.scheduled_jobs_key
 
@@ -36,25 +35,10 @@ def registrations(redis: Redis) -> dict[str, float]:
     return {k.decode(): v for k, v in redis.zrange(SCHEDULED, 0, -1, withscores=True)}
 
 
-def procfile_command(process: str) -> str:
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        if line.startswith(f"{process}:"):
-            return line.split(":", 1)[1].strip()
-    raise AssertionError(f"no {process}: line in the Procfile")
-
-
-def subprocess_env() -> dict[str, str]:
-    """The test deployment's environment, with this venv's executables first on PATH."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("PYTHONWARNINGS", None)
-    return env
-
-
 def run_scheduler_burst(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "scheduler.py", "--burst", *args],
-        cwd=ROOT,
+        cwd=PROJECT_ROOT,
         env=subprocess_env(),
         capture_output=True,
         text=True,
@@ -157,14 +141,14 @@ def test_only_the_crontab_warning_is_filtered() -> None:
 def test_the_procfile_scheduler_line_restarted_keeps_one_registration(
     env: dict[str, str], redis_client: Redis
 ) -> None:
-    command = procfile_command("scheduler")
+    command = procfile()["scheduler"]
     assert command.startswith("TZ=UTC ")
     snapshots = []
     for _ in range(3):
         before = set(redis_client.keys("rq:scheduler_instance:*"))
         process = subprocess.Popen(
             ["sh", "-c", command],  # as honcho/foreman run a Procfile line
-            cwd=ROOT,
+            cwd=PROJECT_ROOT,
             env=subprocess_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -200,7 +184,7 @@ def test_two_schedulers_at_once_send_each_digest_once(
     processes = [
         subprocess.Popen(
             [sys.executable, "scheduler.py", "--burst", "--interval", "1"],
-            cwd=ROOT,
+            cwd=PROJECT_ROOT,
             env=subprocess_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

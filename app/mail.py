@@ -107,7 +107,12 @@ class MailMessage(Message):
         for name in VERBATIM_HEADERS:
             value = message.get(name)
             text = str(value) if value is not None else ""
-            if text and text.isascii() and len(name) + 2 + len(text) <= MAX_HEADER_LINE:
+            if (
+                text
+                and text.isascii()
+                and not any(ch in text for ch in "\r\n")
+                and len(name) + 2 + len(text) <= MAX_HEADER_LINE
+            ):
                 message.replace_header(name, _Verbatim(name, text))
         return message
 

@@ -10,6 +10,7 @@ import hmac
 import logging
 import re
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import redis.exceptions
@@ -28,6 +29,7 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 health = Blueprint("health", __name__)
 
 MAIL_ID = re.compile(r"^[0-9a-f]{32}$")
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 
 
 class ApiError(Exception):
@@ -52,6 +54,8 @@ def error_response(status_code: int, message: str, field: str | None = None) -> 
 @bp.before_request
 def require_token() -> Response | None:
     """`Authorization: Bearer $API_TOKEN`, compared in constant time; never logged."""
+    if request.endpoint == "api.openapi":
+        return None  # the API's description is public
     expected = current_app.config.get("API_TOKEN") or ""
     header = request.headers.get("Authorization", "")
     scheme, _, supplied = header.partition(" ")
@@ -68,10 +72,17 @@ def json_body() -> dict[str, Any]:
     """The request's JSON object, or an ApiError saying what is wrong with it."""
     if not request.is_json:
         raise ApiError(415, "expected Content-Type: application/json")
+    raw = request.get_data(cache=True)  # 413 above MAX_CONTENT_LENGTH (Content-Length given)
+    limit = request.max_content_length
+    if limit is not None and request.content_length is None and len(raw) >= limit:
+        # A chunked body is cut at the limit by Werkzeug, not refused: refuse it here.
+        raise ApiError(413, f"the body is larger than {limit} bytes")
     try:
         data = request.get_json()
     except BadRequest:
         raise ApiError(400, "the body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
     return data
@@ -138,7 +149,7 @@ def post_mail() -> tuple[Response, int]:
 def get_mail(mail_id: str) -> Response:
     record = status.load(get_redis(), mail_id) if MAIL_ID.match(mail_id) else None
     if record is None:
-        raise ApiError(404, f"no mail {mail_id}")
+        raise ApiError(404, f"no mail {mail_id[:64]}")
     return jsonify(record.public())
 
 
@@ -200,6 +211,12 @@ def post_item(email: str) -> tuple[Response, int]:
     return jsonify({"status": "queued", "pending_items": pending}), 202
 
 
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI 3 description of every route (app/openapi.json, kept by hand)."""
+    return current_app.response_class(OPENAPI_PATH.read_bytes(), mimetype="application/json")
+
+
 @health.get("/healthz")
 def healthz() -> tuple[Response, int]:
     """Redis reachable, queue depths, workers: 200 when Redis answers, else 503."""
@@ -209,11 +226,13 @@ def healthz() -> tuple[Response, int]:
         queues = {}
         for name in QUEUE_NAMES:
             queue = get_queue(name)
+            # cleanup=False: RQ's `.count` runs registry cleanup, which would let the
+            # web process handle abandoned jobs without the worker's record keeping.
             queues[name] = {
                 "queued": queue.count,
-                "scheduled": queue.scheduled_job_registry.count,
-                "started": queue.started_job_registry.count,
-                "failed": queue.failed_job_registry.count,
+                "scheduled": queue.scheduled_job_registry.get_job_count(cleanup=False),
+                "started": queue.started_job_registry.get_job_count(cleanup=False),
+                "failed": queue.failed_job_registry.get_job_count(cleanup=False),
             }
         workers = Worker.count(connection=redis_client)
     except redis.exceptions.RedisError as err:

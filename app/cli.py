@@ -1,17 +1,30 @@
-"""`flask mail ...` and `flask digest ...` commands."""
+"""`flask mail ...` and `flask digest ...` commands.
+
+Operator tools print one line per mail they touch and a count at the end, so
+their output can be read by a person and grepped by a script.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import click
 import redis.exceptions
 from flask import Flask
 from flask.cli import AppGroup
+from rq.job import Job
+from rq.results import Result
 
-from app import digests
-from app.errors import InvalidMailError, QueueUnavailableError, SubscriberNotFoundError
-from app.mail import send_email
+from app import digests, status
+from app.errors import (
+    InvalidMailError,
+    MailNotFailedError,
+    QueueUnavailableError,
+    SubscriberNotFoundError,
+    UnknownMailError,
+)
+from app.mail import requeue_failed, send_email
+from app.queues import MAIL_QUEUE, get_queue, get_redis
 
 mail_cli = AppGroup("mail", help="Transactional mail.")
 digest_cli = AppGroup("digest", help="Scheduled digests.")
@@ -69,6 +82,98 @@ def digest_preview(email: str, as_html: bool) -> None:
     click.echo(f"Period: {shown.period} (due {due}), {shown.items} pending items")
     click.echo("")
     click.echo(shown.rendered.html if as_html and shown.rendered.html else shown.rendered.text)
+
+
+@mail_cli.command("failed")
+def list_failed() -> None:
+    """List failed mail, oldest first, with the reason each failed."""
+    redis_client = get_redis()
+    try:
+        ids = status.failed_ids(redis_client)
+        records = status.load_many(redis_client, ids)
+        gone = [mail_id for mail_id, record in zip(ids, records, strict=True) if record is None]
+        if gone:  # expired records leave their index entry behind
+            redis_client.zrem(status.FAILED_INDEX, *gone)
+    except redis.exceptions.RedisError as err:
+        raise click.ClickException(f"Redis unavailable: {err}") from err
+    shown = 0
+    for record in records:
+        if record is None or record.status != status.FAILED:
+            continue
+        shown += 1
+        click.echo(
+            f"{record.id}  {record.updated_at}  to={','.join(record.to)}  "
+            f"attempts={record.attempts}  {record.last_error or 'no reason recorded'}"
+        )
+        for address, reply in record.refused.items():
+            click.echo(f"    refused {address}: {reply}")
+    click.echo(f"{shown} failed mail")
+
+
+@mail_cli.command("retry")
+@click.argument("mail_ids", nargs=-1)
+@click.option("--all", "retry_all", is_flag=True, help="Re-queue every failed mail.")
+def retry(mail_ids: tuple[str, ...], retry_all: bool) -> None:
+    """Re-queue failed mail by ID (or --all): same id and Message-ID, status queued."""
+    if bool(mail_ids) == retry_all:
+        raise click.UsageError("give one or more mail IDs, or --all")
+    try:
+        targets = list(mail_ids) or status.failed_ids(get_redis())
+    except redis.exceptions.RedisError as err:
+        raise click.ClickException(f"Redis unavailable: {err}") from err
+    done = skipped = 0
+    for mail_id in targets:
+        try:
+            record = requeue_failed(mail_id)
+        except (UnknownMailError, MailNotFailedError) as err:
+            skipped += 1
+            click.echo(f"skipped {mail_id}: {err}")
+            continue
+        except QueueUnavailableError as err:
+            raise click.ClickException(f"{err} ({done} re-queued before it went away)") from err
+        done += 1
+        click.echo(f"re-queued {record.id} to {','.join(record.to)}")
+    click.echo(f"{done} re-queued, {skipped} skipped")
+    if skipped and not retry_all:
+        raise SystemExit(1)
+
+
+@mail_cli.command("purge")
+@click.option(
+    "--older-than",
+    "days",
+    type=click.FloatRange(min=0),
+    required=True,
+    help="Purge sent and failed mail last updated more than DAYS days ago.",
+)
+def purge(days: float) -> None:
+    """Delete finished (sent or failed) mail records older than DAYS, with their RQ jobs.
+
+    Mail still queued, scheduled or being retried is never purged.
+    """
+    redis_client = get_redis()
+    failed_registry = get_queue(MAIL_QUEUE).failed_job_registry
+    cutoff = datetime.now(UTC) - timedelta(days=days)
+    scanned = purged = 0
+    try:
+        for ids in status.scan_ids(redis_client):
+            records = status.load_many(redis_client, ids)
+            with redis_client.pipeline(transaction=False) as pipe:
+                for record in records:
+                    if record is None or record.status not in status.FINAL:
+                        continue
+                    if not record.updated_at or datetime.fromisoformat(record.updated_at) > cutoff:
+                        continue
+                    status.delete(pipe, record.id)
+                    pipe.zrem(failed_registry.key, record.id)
+                    pipe.delete(Job.key_for(record.id), Result.get_key(record.id))
+                    purged += 1
+                pipe.execute()
+            scanned += len(ids)
+            click.echo(f"scanned {scanned}, purged {purged}")
+    except redis.exceptions.RedisError as err:
+        raise click.ClickException(f"Redis unavailable: {err} ({purged} purged)") from err
+    click.echo(f"{purged} purged of {scanned} mail records")
 
 
 def init_app(app: Flask) -> None:

@@ -59,6 +59,14 @@ class QueueUnavailableError(MailQueueError):
     """Redis could not be reached; nothing was enqueued."""
 
 
+class UnknownMailError(MailQueueError, LookupError):
+    """No such mail record: never existed, purged or expired."""
+
+
+class MailNotFailedError(MailQueueError, ValueError):
+    """Only a failed mail can be re-queued by an operator."""
+
+
 class DeliveryError(MailQueueError):
     """Delivery of one mail failed; `permanent` says whether retrying can help."""
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.utils import formataddr, parseaddr
+from email.utils import formataddr, getaddresses, parseaddr
 from typing import Any
 
 import redis.exceptions
@@ -33,8 +33,10 @@ from app.errors import (
     InvalidContextError,
     InvalidMailError,
     InvalidScheduleError,
+    MailNotFailedError,
     QueueUnavailableError,
     TemplateNotFoundError,
+    UnknownMailError,
 )
 from app.queues import MAIL_QUEUE, get_queue, get_redis
 
@@ -42,6 +44,13 @@ DELIVER_JOB = "jobs.mail.deliver"
 TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}(/[a-z0-9][a-z0-9_-]{0,63}){0,3}$")
 MAX_CONTEXT_DEPTH = 20
 MAX_SUBJECT_LENGTH = 998  # RFC 5322 line limit
+HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
+RESERVED_HEADERS = frozenset(
+    {"from", "to", "cc", "bcc", "subject", "message-id", "date", "sender", "mime-version"}
+    | {"content-type", "content-transfer-encoding", "return-path"}
+)
+# C0 and C1 controls except TAB, DEL, and the Unicode line and paragraph separators.
+_HEADER_BREAKERS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @dataclass
@@ -191,6 +200,7 @@ def prepare(
     check_template(template)
     context = validate_context(context, config["MAIL_MAX_CONTEXT_BYTES"])
     for name, value in (headers or {}).items():
+        check_header_name(name)
         check_header(f"header {name}", value)
     when = resolve_send_at(send_at, delay)
     return status.MailRecord(
@@ -206,8 +216,12 @@ def prepare(
     )
 
 
-def enqueue(records: list[status.MailRecord]) -> list[Job]:
-    """Write records and their jobs in one MULTI/EXEC round trip: all or nothing."""
+def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> list[Job]:
+    """Write records and their jobs in one MULTI/EXEC round trip: all or nothing.
+
+    `reopen`: the records are failed ones an operator re-queues (same id, so the
+    same Message-ID); their old jobs leave RQ's failed registry in the same step.
+    """
     queue = get_queue(MAIL_QUEUE)
     config = current_app.config
     jobs: list[Job] = []
@@ -215,7 +229,11 @@ def enqueue(records: list[status.MailRecord]) -> list[Job]:
         with get_redis().pipeline(transaction=True) as pipe:
             pipe.multi()  # explicit, so RQ's enqueue adds to this transaction as-is
             for record in records:
-                status.create(pipe, record)
+                if reopen:
+                    status.reopen(pipe, record)
+                    pipe.zrem(queue.failed_job_registry.key, record.id)
+                else:
+                    status.create(pipe, record)
                 job_kwargs: dict[str, Any] = {
                     "args": (record.id,),
                     "job_id": record.id,
@@ -251,6 +269,27 @@ def schedule(queue: Queue, job: Job, when: datetime, pipe: Any) -> None:
     pipe.zadd(queue.scheduled_job_registry.key, {job.id: score})
 
 
+def requeue_failed(mail_id: str) -> status.MailRecord:
+    """Queue a failed mail again, now: same id and Message-ID, status `queued`.
+
+    Raises UnknownMailError or MailNotFailedError; QueueUnavailableError if Redis is down.
+    """
+    try:
+        record = status.load(get_redis(), mail_id)
+    except redis.exceptions.RedisError as err:
+        raise QueueUnavailableError(f"Redis unavailable: {err}") from err
+    if record is None:
+        raise UnknownMailError(f"no mail {mail_id} (purged or expired?)")
+    if record.status != status.FAILED:
+        raise MailNotFailedError(f"mail {mail_id} is {record.status}, not failed")
+    record.status = status.QUEUED
+    record.send_at = ""
+    record.last_error = ""
+    record.refused = {}
+    enqueue([record], reopen=True)
+    return record
+
+
 def retry_policy(intervals: list[int]) -> Retry:
     """RQ retries at the configured intervals, each jittered by +-20% so a fleet of
     mails that failed together does not hammer the provider together."""
@@ -274,10 +313,13 @@ def validate_recipients(to: str | Iterable[str], limit: int) -> list[str]:
 
 
 def validate_address(field: str, value: Any) -> str:
-    """One address, optionally with a display name; ASCII only (no SMTPUTF8)."""
+    """One address, optionally with a display name (any script); the address itself
+    ASCII only, internationalised domains included: no SMTPUTF8."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidAddressError(field, f"expected an email address, got {value!r}")
     check_header(field, value)
+    if len(getaddresses([value])) != 1:
+        raise InvalidAddressError(field, f"{value!r}: one address per item, please")
     name, addr = parseaddr(value)
     if not addr or ("<" in value and not value.rstrip().endswith(">")):
         raise InvalidAddressError(field, f"{value!r} is not an email address")
@@ -295,9 +337,24 @@ def validate_address(field: str, value: Any) -> str:
 
 
 def check_header(field: str, value: str) -> None:
-    """No CR, LF or NUL in any header value: they would let a caller add headers."""
-    if any(ch in value for ch in "\r\n\0"):
-        raise HeaderInjectionError(field, "must not contain CR, LF or NUL")
+    """No CR, LF, NUL or other control or line-break character (VT, FF, NEL, U+2028...)
+    in any header value: some parsers split lines on them, which would let a caller
+    add headers."""
+    if not isinstance(value, str):
+        raise HeaderInjectionError(field, "must be a string")
+    if _HEADER_BREAKERS.search(value):
+        raise HeaderInjectionError(
+            field, "must not contain CR, LF, NUL or other control or line-break characters"
+        )
+
+
+def check_header_name(name: Any) -> None:
+    """An extra header's name: printable ASCII without ':' (RFC 5322), and not one of
+    the headers the message is built from."""
+    if not isinstance(name, str) or not HEADER_NAME.match(name):
+        raise HeaderInjectionError("headers", f"{name!r} is not a header name")
+    if name.lower() in RESERVED_HEADERS:
+        raise HeaderInjectionError("headers", f"{name} is set by mailqueue, not by callers")
 
 
 def check_template(template: Any) -> None:

@@ -4,7 +4,8 @@ Flask-Mail opens a connection per `send` and has no timeout (flask-mail #114,
 #38). A worker keeps one Flask-Mail `Connection` open, built with a socket
 timeout, reconnects once when the server has dropped it, and drops it after
 MAIL_IDLE_TIMEOUT idle seconds. SMTP failures are sorted here into transient
-(retry) and permanent (fail now), keeping the server's reply.
+(retry) and permanent (fail now), keeping the server's reply. With
+MAIL_MAX_PER_SECOND set, every send first takes a fleet-wide permit (app/ratelimit.py).
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import threading
 import time
 from typing import Any
 
+import redis.exceptions
 from flask import Flask, current_app
 from flask_mail import Connection, Mail, Message, sanitize_address, sanitize_addresses
+from rq.timeouts import JobTimeoutException
 
 from app.errors import PermanentDeliveryError, TransientDeliveryError
+from app.ratelimit import RateLimiter
 
 log = logging.getLogger("mailqueue.smtp")
 
@@ -64,6 +68,8 @@ class Mailer:
         self._connection: TimeoutConnection | None = None
         self._last_used = 0.0
         self._lock = threading.Lock()
+        self._limiter: RateLimiter | None = None
+        self._rate: float | None = app.config.get("MAIL_MAX_PER_SECOND")
 
     def send(self, message: Message) -> dict[str, str]:
         """Deliver `message`; return the recipients the server refused (code and reply).
@@ -90,6 +96,10 @@ class Mailer:
         host = connection.host
         assert host is not None
         recipients = list(sanitize_addresses(message.send_to))
+        if self._rate:
+            # Right before the send, after connecting: the permit is spent on a mail,
+            # never on a connection attempt that fails.
+            self._rate_limiter().acquire()
         refused = host.sendmail(
             sanitize_address(message.sender),
             recipients,
@@ -99,6 +109,14 @@ class Mailer:
         )
         self._last_used = time.monotonic()
         return {addr: _reply(code, text) for addr, (code, text) in refused.items()}
+
+    def _rate_limiter(self) -> RateLimiter:
+        if self._limiter is None:
+            from app.queues import get_redis
+
+            assert self._rate is not None
+            self._limiter = RateLimiter(get_redis(self.app), self._rate)
+        return self._limiter
 
     def _open(self) -> TimeoutConnection:
         idle = self.app.config["MAIL_IDLE_TIMEOUT"]
@@ -142,6 +160,12 @@ def classify(err: BaseException) -> TransientDeliveryError | PermanentDeliveryEr
         if 500 <= err.smtp_code < 600:
             return PermanentDeliveryError(f"SMTP server refused: {reply}")
         return TransientDeliveryError(f"SMTP server deferred: {reply}")
+    if isinstance(err, JobTimeoutException):
+        # RQ's job timeout fired mid-conversation: the server may still answer later.
+        return TransientDeliveryError(f"SMTP conversation exceeded the job timeout: {err}")
+    if isinstance(err, redis.exceptions.RedisError):
+        # The rate limiter could not reach Redis: nothing was sent.
+        return TransientDeliveryError(f"rate limiter unavailable: {err}")
     if isinstance(err, socket.timeout | TimeoutError):
         return TransientDeliveryError(f"SMTP timeout: {err or 'no reply in time'}")
     if isinstance(err, smtplib.SMTPServerDisconnected | OSError | smtplib.SMTPException):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +29,11 @@ RETRYING = "retrying"
 SENT = "sent"
 FAILED = "failed"
 FINAL = frozenset({SENT, FAILED})
+
+# A delivery lease lasts the job's timeout plus this; RQ's started-registry entry of an
+# AppWorker job lasts exactly as long (app/worker.py), so a job RQ has not yet called
+# abandoned can never be sent by a second worker.
+LEASE_GRACE_SECONDS = 30
 
 KEY_PREFIX = "mq:mail:"
 FAILED_INDEX = "mq:mails:failed"  # zset: id -> time it failed
@@ -137,6 +143,51 @@ def create(pipe: Pipeline, record: MailRecord) -> None:
     pipe.hset(key(record.id), mapping=mapping)
 
 
+def reopen(pipe: Pipeline, record: MailRecord) -> None:
+    """Queue the rewrite of a failed record as new on `pipe` (an operator's re-queue):
+    no expiry, out of the failed index, no stale lease."""
+    record.updated_at = now_iso()
+    mapping: Any = record.to_redis()
+    pipe.hset(key(record.id), mapping=mapping)
+    pipe.persist(key(record.id))
+    pipe.zrem(FAILED_INDEX, record.id)
+    pipe.delete(lease_key(record.id))
+
+
+def failed_ids(redis: Redis) -> list[str]:
+    """Ids in the failed index, oldest failure first."""
+    raw: Any = redis.zrange(FAILED_INDEX, 0, -1)
+    return [item.decode() for item in raw]
+
+
+def load_many(redis: Redis, mail_ids: list[str]) -> list[MailRecord | None]:
+    """Records for `mail_ids` in one round trip (None where purged or expired)."""
+    with redis.pipeline(transaction=False) as pipe:
+        for mail_id in mail_ids:
+            pipe.hgetall(key(mail_id))
+        raws = pipe.execute()
+    return [MailRecord.from_redis(raw) if raw else None for raw in raws]
+
+
+def scan_ids(redis: Redis, batch: int = 500) -> Iterator[list[str]]:
+    """Every record id, in batches (SCAN: never blocks Redis)."""
+    cursor = 0
+    while True:
+        reply: Any = redis.scan(cursor, match=KEY_PREFIX + "*", count=batch)
+        cursor, keys = reply
+        ids = [k.decode()[len(KEY_PREFIX) :] for k in keys if not k.endswith(b":lease")]
+        if ids:
+            yield ids
+        if cursor == 0:
+            return
+
+
+def delete(pipe: Pipeline, mail_id: str) -> None:
+    """Queue the removal of a record, its lease and its failed-index entry on `pipe`."""
+    pipe.delete(key(mail_id), lease_key(mail_id))
+    pipe.zrem(FAILED_INDEX, mail_id)
+
+
 def load(redis: Redis, mail_id: str) -> MailRecord | None:
     raw: Any = redis.hgetall(key(mail_id))
     return MailRecord.from_redis(raw) if raw else None
@@ -206,6 +257,25 @@ def queue_finish(pipe: Pipeline, mail_id: str, status: str, ttl: int, **fields: 
         pipe.zrem(FAILED_INDEX, mail_id)
 
 
+def settle(redis: Redis, mail_id: str, new_status: str, reason: str, ttl: int) -> bool:
+    """Tell the truth about a mail whose job RQ handled without running our code to the
+    end (a killed worker's job, retries exhausted on a Redis error): `retrying` or `failed`
+    with `reason`. A record already `sent` or `failed` is left alone; True if changed."""
+    changed: Any = redis.eval(
+        _SETTLE_IF_LIVE,
+        3,
+        key(mail_id),
+        lease_key(mail_id),
+        FAILED_INDEX,
+        new_status,
+        reason,
+        now_iso(),
+        str(ttl),
+        str(datetime.now(UTC).timestamp()),
+    )
+    return bool(changed)
+
+
 def _encode(value: Any) -> str:
     if isinstance(value, str):
         return value
@@ -245,4 +315,18 @@ end
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'sending', 'updated_at', ARGV[2])
 return {'go', redis.call('HGETALL', KEYS[1])}
+"""
+
+# KEYS: record, lease, failed index. ARGV: status, reason, now, ttl, now as a timestamp.
+# Final states are never overwritten: `sent` is the de-duplication mark.
+_SETTLE_IF_LIVE = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current or current == 'sent' or current == 'failed' then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'last_error', ARGV[2], 'updated_at', ARGV[3])
+if ARGV[1] == 'failed' then
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+  redis.call('ZADD', KEYS[3], ARGV[5], redis.call('HGET', KEYS[1], 'id'))
+end
+return 1
 """

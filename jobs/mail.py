@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
+import redis.exceptions
 from flask import current_app
 from redis import Redis
 from rq import get_current_job
+from rq.timeouts import JobTimeoutException
 
 from app import status
-from app.errors import DeliveryError, MailInFlightError
+from app.errors import DeliveryError, MailInFlightError, TransientDeliveryError
 from app.mail import build_message
 from app.queues import get_redis
 from app.smtp import get_mailer
 
 log = logging.getLogger("mailqueue.jobs.mail")
+
+# After the SMTP server accepted a mail, keep trying this long to record `sent`
+# (e.g. across a Redis restart): an unrecorded acceptance is the one way a mail
+# can go out twice.
+RECORD_SENT_SECONDS = 20.0
 
 
 def deliver(mail_id: str) -> str:
@@ -25,7 +34,11 @@ def deliver(mail_id: str) -> str:
     """
     redis = get_redis()
     config = current_app.config
-    outcome, record = status.begin_attempt(redis, mail_id, config["MAIL_JOB_TIMEOUT"] + 30)
+    job = get_current_job()
+    timeout = (job.timeout if job is not None else None) or config["MAIL_JOB_TIMEOUT"]
+    outcome, record = status.begin_attempt(
+        redis, mail_id, int(timeout) + status.LEASE_GRACE_SECONDS
+    )
     if outcome == "missing":
         log.warning("mail %s: record gone (purged or deleted); nothing to send", mail_id)
         return "missing"
@@ -44,11 +57,19 @@ def deliver(mail_id: str) -> str:
     except DeliveryError as err:
         _record_failure(redis, record, err)
         raise
+    except JobTimeoutException as err:
+        # Out of time (e.g. a very slow server): worth another try, not a bug.
+        _record_failure(redis, record, TransientDeliveryError(f"job timeout: {err}"))
+        raise
     except Exception as err:
         # A template that cannot render is a bug, not an outage: fail at once.
         _record_failure(redis, record, DeliveryError(f"{type(err).__name__}: {err}"), final=True)
         raise
-    status.finish(redis, mail_id, status.SENT, config["MAIL_STATUS_TTL"], refused=refused)
+    _persist(
+        lambda: status.finish(
+            redis, mail_id, status.SENT, config["MAIL_STATUS_TTL"], refused=refused
+        )
+    )
     log.info("mail %s: sent%s", mail_id, f" ({len(refused)} refused)" if refused else "")
     return "sent"
 
@@ -73,3 +94,19 @@ def _record_failure(
             redis, record.id, status.FAILED, current_app.config["MAIL_STATUS_TTL"], **fields
         )
         log.error("mail %s: failed (%s)", record.id, err)
+
+
+def _persist(write: Callable[[], None]) -> None:
+    """Run `write`, retrying Redis connection errors for up to RECORD_SENT_SECONDS."""
+    deadline = time.monotonic() + RECORD_SENT_SECONDS
+    delay = 0.05
+    while True:
+        try:
+            write()
+            return
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("Redis unavailable while recording a sent mail (%s); retrying", err)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)

@@ -103,6 +103,7 @@ class Received:
     message: EmailMessage = field(repr=False)
     authenticated_as: str | None = None
     tls: bool = False
+    received_at: float = field(default_factory=time.time)  # when DATA completed
 
     @property
     def message_id(self) -> str:

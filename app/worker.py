@@ -205,9 +205,10 @@ class AppWorker(SimpleWorker):
         while True:
             try:
                 return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-            except redis.exceptions.TimeoutError as err:
-                # RQ retries ConnectionError here but lets TimeoutError end the worker.
-                self.log.error("Worker %s: Redis timed out (%s); retrying", self.name, err)
+            except redis.exceptions.RedisError as err:
+                # RQ retries a ConnectionError from the pop itself, but one from the
+                # state update before it, or any TimeoutError, ends the worker.
+                self.log.error("Worker %s: Redis unavailable (%s); retrying", self.name, err)
                 time.sleep(1)
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:

@@ -1,0 +1,54 @@
+"""MAIL_MAX_PER_SECOND across two worker processes, judged by the SMTP server's clock."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.faults.harness import Report, Row, deployment
+
+pytestmark = pytest.mark.fault
+
+LIMIT = 4
+MAILS = 16
+
+
+def busiest_second(stamps: list[float]) -> int:
+    """The most messages received in any one-second window [t, t + 1)."""
+    stamps = sorted(stamps)
+    best, start = 0, 0
+    for end, stamp in enumerate(stamps):
+        while stamp - stamps[start] >= 1.0:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def test_two_workers_share_one_limit(tmp_path: Path, report: Report) -> None:
+    with deployment(tmp_path, MAIL_MAX_PER_SECOND=str(LIMIT)) as world:
+        world.start_worker()
+        world.start_worker()
+        ids = world.send(MAILS)
+        started = time.monotonic()
+        world.wait_delivered(ids, timeout=30)
+        took = time.monotonic() - started
+        lost, duplicated = world.tally(ids)
+        assert (lost, duplicated) == (0, 0)
+        peak = busiest_second([m.received_at for m in world.smtp.messages])
+        assert peak <= LIMIT
+        assert took >= (MAILS / LIMIT) - 1.5  # the limit held the burst back
+        # Both workers sent mail: the limit is shared, not per process.
+        assert all("Job OK" in w.log.read_text() for w in world.workers)
+        report.add(
+            Row(
+                "provider rate limit",
+                f"{MAILS} mails, 2 workers, MAIL_MAX_PER_SECOND={LIMIT}",
+                "none (a limit, not a fault)",
+                lost,
+                duplicated,
+                f"drained in {took:.1f} s",
+                f"busiest one-second window at the server: {peak} mails",
+            )
+        )

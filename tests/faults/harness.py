@@ -11,7 +11,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,10 +52,8 @@ class Worker:
 
     def signal_group(self, signum: int) -> None:
         """Signal the worker and its scheduler child, as a host stopping a dyno does."""
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(self.process.pid, signum)
-        except ProcessLookupError:
-            pass
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -252,4 +250,3 @@ class Report:
             f"(`pytest -m fault`, {os.cpu_count()} CPUs).",
         ]
         path.write_text("\n".join(lines) + "\n")
-

@@ -29,8 +29,10 @@ def test_redis_restarted_mid_burst_with_aof(tmp_path: Path, report: Report) -> N
         scheduled_ids = world.send(3, "later", delay=4)
         queued_ids = world.send(20)
         assert wait_until(
-            lambda: all(world.status_of(i) == status.RETRYING for i in retry_ids)
-            and len(world.smtp.messages) >= 3,
+            lambda: (
+                all(world.status_of(i) == status.RETRYING for i in retry_ids)
+                and len(world.smtp.messages) >= 3
+            ),
             timeout=20,
         )
         assert all(world.status_of(i) == status.SCHEDULED for i in scheduled_ids)

@@ -77,9 +77,7 @@ def test_smtp_server_answers_550(tmp_path: Path, report: Report) -> None:
         world.smtp.handler.reply = "550 5.7.1 message rejected"
         world.start_worker()
         ids = world.send(10)
-        assert wait_until(
-            lambda: all(world.status_of(i) == status.FAILED for i in ids), timeout=20
-        )
+        assert wait_until(lambda: all(world.status_of(i) == status.FAILED for i in ids), timeout=20)
         world.smtp.handler.reply = None
         time.sleep(3)  # longer than every retry interval: nothing may be retried
         records = [status.load(world.redis, i) for i in ids]

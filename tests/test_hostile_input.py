@@ -1,0 +1,307 @@
+"""Hostile and bad input: refused with 4xx JSON naming the field, and nothing written.
+
+Also: the OpenAPI document describes every route, and hypothesis fuzzes the API.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis import Redis
+
+from app.errors import HeaderInjectionError, InvalidMailError
+from app.mail import prepare, send_email
+
+
+def snapshot(redis_client: Redis) -> dict[bytes, bytes | None]:
+    """Every key with its serialised value: equal snapshots mean nothing was written."""
+    return {key: redis_client.dump(key) for key in redis_client.scan_iter(count=1000)}
+
+
+def post(client: FlaskClient, auth: dict[str, str], body: Any) -> Any:
+    return client.post("/api/mail", json=body, headers=auth)
+
+
+VALID = {"to": "ann@example.com", "subject": "Hello", "template": "test", "context": {}}
+DEEP: dict[str, Any] = {}
+_level = DEEP
+for _ in range(30):
+    _level["x"] = {}
+    _level = _level["x"]
+
+HOSTILE: list[tuple[str, dict[str, Any], str]] = [
+    ("CRLF in to", {"to": "ann@example.com\r\nBcc: evil@example.com"}, "to"),
+    ("LF in a display name", {"to": '"Ann\nBcc: evil@x.com" <ann@example.com>'}, "to"),
+    ("two addresses in one item", {"to": "ann@example.com, evil@example.com"}, "to"),
+    ("semicolon list", {"to": "ann@example.com;evil@example.com"}, "to"),
+    ("CRLF in subject", {"subject": "Hi\r\nBcc: evil@example.com"}, "subject"),
+    ("bare CR in subject", {"subject": "Hi\rBcc: evil@example.com"}, "subject"),
+    ("NUL in subject", {"subject": "Hi\x00there"}, "subject"),
+    ("vertical tab in subject", {"subject": "Hi\x0bBcc: evil@example.com"}, "subject"),
+    ("NEL in subject", {"subject": "Hi\x85Bcc: evil@example.com"}, "subject"),
+    ("U+2028 in subject", {"subject": "Hi\u2028Bcc: evil@example.com"}, "subject"),
+    ("empty subject", {"subject": "  "}, "subject"),
+    ("huge subject", {"subject": "x" * 5000}, "subject"),
+    ("non-ASCII local part", {"to": "jörg@example.com"}, "to"),
+    ("non-ASCII domain", {"to": "ann@exämple.com"}, "to"),
+    ("no domain dot", {"to": "ann@localhost"}, "to"),
+    ("not an address", {"to": "not an address"}, "to"),
+    ("empty recipient list", {"to": []}, "to"),
+    ("too many recipients", {"to": [f"u{i}@example.com" for i in range(51)]}, "to"),
+    ("number as recipient", {"to": [42]}, "to"),
+    ("template ..", {"template": "../etc/passwd"}, "template"),
+    ("template absolute", {"template": "/etc/passwd"}, "template"),
+    ("template backslash", {"template": "..\\..\\secret"}, "template"),
+    ("template odd characters", {"template": "test%00.txt"}, "template"),
+    ("template upper case", {"template": "TEST"}, "template"),
+    ("template that does not exist", {"template": "nope"}, "template"),
+    ("template layout partial", {"template": "_layout"}, "template"),
+    ("context not an object", {"context": [1, 2]}, "context"),
+    ("context too deep", {"context": DEEP}, "context"),
+    ("context too large", {"context": {"x": "a" * (300 * 1024)}}, "context"),
+    ("send_at naive", {"send_at": "2030-01-01T09:00:00"}, "send_at"),
+    ("send_at garbage", {"send_at": "tomorrow"}, "send_at"),
+    ("send_at far ahead", {"send_at": "2999-01-01T09:00:00+00:00"}, "send_at"),
+    ("send_at and delay", {"send_at": "2030-01-01T09:00:00Z", "delay": 5}, "send_at"),
+    ("negative delay", {"delay": -1}, "delay"),
+    ("huge delay", {"delay": 1e300}, "delay"),
+    ("boolean delay", {"delay": True}, "delay"),
+    ("unknown field", {"bcc": "evil@example.com"}, "bcc"),
+    ("missing subject", {"subject": None}, "subject"),
+]
+
+
+@pytest.mark.parametrize(("case", "override", "field"), HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_mail_is_refused_and_nothing_written(
+    client: FlaskClient,
+    auth: dict[str, str],
+    redis_client: Redis,
+    case: str,
+    override: dict[str, Any],
+    field: str,
+) -> None:
+    body = {**VALID, **override}
+    body = {k: v for k, v in body.items() if v is not None}
+    before = snapshot(redis_client)
+    response = post(client, auth, body)
+    assert response.status_code == 400, response.get_json()
+    payload = response.get_json()
+    assert payload["field"] == field and payload["error"]
+    assert snapshot(redis_client) == before
+
+
+def test_send_email_refuses_the_same_input(app_ctx: Flask, redis_client: Redis) -> None:
+    before = snapshot(redis_client)
+    with pytest.raises(HeaderInjectionError):
+        send_email("ann@example.com", "Hi\r\nBcc: evil@example.com", "test")
+    with pytest.raises(InvalidMailError):
+        send_email("ann@example.com", "Hi", "../../etc/passwd")
+    with pytest.raises(InvalidMailError):
+        send_email("ann@example.com", "Hi", "test", obj=object())
+    assert snapshot(redis_client) == before
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Campaign": "a\r\nBcc: evil@example.com"},
+        {"X-Campaign\r\nBcc": "evil@example.com"},
+        {"X Campaign": "ok"},
+        {"Bcc": "evil@example.com"},
+        {"Message-ID": "<forged@example.com>"},
+        {"List-Unsubscribe": "<https://x.example/u/\u2028t>"},
+    ],
+)
+def test_context_driven_headers_are_checked(app_ctx: Flask, headers: dict[str, str]) -> None:
+    with pytest.raises(HeaderInjectionError):
+        prepare("ann@example.com", "Hi", "test", {}, headers=headers)
+
+
+def test_display_names_may_use_any_script(app_ctx: Flask) -> None:
+    from email.header import decode_header, make_header
+
+    record = prepare("Jörg Ünal <jorg@example.com>", "Grüße", "test", {})
+    [to] = record.to
+    assert to.endswith(" <jorg@example.com>") and to.isascii()
+    assert str(make_header(decode_header(to))) == "Jörg Ünal <jorg@example.com>"
+
+
+# -- bodies -------------------------------------------------------------------------
+
+
+def test_oversized_body_is_413_json(client: FlaskClient, auth: dict[str, str], app: Flask) -> None:
+    limit = app.config["MAX_CONTENT_LENGTH"]
+    assert limit == 1024 * 1024
+    body = json.dumps({**VALID, "context": {"x": "a" * limit}}).encode()
+    response = client.post("/api/mail", data=body, content_type="application/json", headers=auth)
+    assert response.status_code == 413
+    assert "error" in response.get_json()
+
+
+def test_oversized_chunked_body_is_413_json(
+    client: FlaskClient, auth: dict[str, str], app: Flask, redis_client: Redis
+) -> None:
+    """A chunked body has no Content-Length; Werkzeug cuts it at the limit (gunicorn
+    sets wsgi.input_terminated), which must still be refused, not parsed."""
+    body = json.dumps({**VALID, "context": {"x": "a" * app.config["MAX_CONTENT_LENGTH"]}})
+    response = client.post(
+        "/api/mail",
+        input_stream=io.BytesIO(body.encode()),
+        content_type="application/json",
+        headers={**auth, "Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert response.status_code == 413
+    assert redis_client.dbsize() == 0
+
+
+def test_limit_is_configurable(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from app import create_app
+
+    monkeypatch.setenv("MAX_CONTENT_LENGTH", "2048")
+    client = create_app({"TESTING": True}).test_client()
+    body = json.dumps({**VALID, "context": {"x": "a" * 3000}})
+    response = client.post(
+        "/api/mail",
+        data=body,
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {env['API_TOKEN']}"},
+    )
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "status"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "application/json", 400),
+        ('{"to": NaN}', "application/json", 400),
+        (b"\xff\xfe{", "application/json", 400),
+        ("[1, 2]", "application/json", 400),
+        ("to=ann@example.com", "application/x-www-form-urlencoded", 415),
+        ("", "application/json", 400),
+    ],
+)
+def test_malformed_bodies(
+    client: FlaskClient,
+    auth: dict[str, str],
+    redis_client: Redis,
+    data: str | bytes,
+    content_type: str,
+    status: int,
+) -> None:
+    response = client.post("/api/mail", data=data, content_type=content_type, headers=auth)
+    assert response.status_code == status
+    assert "error" in response.get_json()
+    assert redis_client.dbsize() == 0
+
+
+# -- the OpenAPI document ---------------------------------------------------------------
+
+
+def test_openapi_document_describes_every_route(client: FlaskClient, app: Flask) -> None:
+    response = client.get("/api/openapi.json")  # public: no token
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    doc = response.get_json()
+    assert doc["openapi"].startswith("3.")
+    documented = {
+        (path, method.upper())
+        for path, operations in doc["paths"].items()
+        for method in operations
+        if method in {"get", "post", "put", "delete", "patch"}
+    }
+    served = set()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = rule.rule.replace("<", "{").replace(">", "}")
+        path = "/".join(
+            part.split(":")[-1] if part.startswith("{") else part for part in path.split("/")
+        )
+        path = path.replace("{{", "{")
+        for method in rule.methods - {"HEAD", "OPTIONS"}:  # type: ignore[operator]
+            served.add((path, method))
+    assert served == documented
+    for operations in doc["paths"].values():
+        for operation in operations.values():
+            assert operation["responses"], operation
+
+
+# -- fuzzing ------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+addresses = st.one_of(
+    st.emails(),
+    st.text(max_size=60),
+    st.builds(lambda n, a: f"{n} <{a}>", st.text(max_size=20), st.emails()),
+)
+mail_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "to": st.one_of(addresses, st.lists(addresses, max_size=3), json_values),
+        "subject": st.one_of(st.text(max_size=80), json_values),
+        "template": st.one_of(
+            st.sampled_from(["test", "../test", "/test", "Test", "te st"]), st.text(max_size=20)
+        ),
+        "context": st.one_of(
+            st.dictionaries(st.text(max_size=8), json_values, max_size=4), json_values
+        ),
+        "send_at": st.one_of(
+            st.text(max_size=30), st.datetimes().map(lambda d: d.isoformat()), json_values
+        ),
+        "delay": st.one_of(st.floats(allow_nan=False), st.integers(), json_values),
+        "extra": json_values,
+    },
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=mail_bodies)
+def test_fuzz_post_mail(
+    client: FlaskClient, auth: dict[str, str], redis_client: Redis, body: dict[str, Any]
+) -> None:
+    before = snapshot(redis_client)
+    response = post(client, auth, body)
+    assert response.status_code < 500, response.get_json()
+    payload = response.get_json()
+    if response.status_code == 202:
+        assert redis_client.exists(f"mq:mail:{payload['id']}")
+        redis_client.flushall()
+    else:
+        assert response.status_code in (400, 413, 415)
+        assert payload["error"]
+        assert snapshot(redis_client) == before
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    path=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40),
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]),
+    token=st.one_of(st.none(), st.text(max_size=30)),
+)
+def test_fuzz_other_routes(
+    client: FlaskClient, redis_client: Redis, path: str, method: str, token: str | None
+) -> None:
+    before = snapshot(redis_client)
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    response = client.open(
+        "/api/" + path.replace("?", "").replace("#", ""), method=method, headers=headers
+    )
+    assert response.status_code < 500
+    assert snapshot(redis_client) == before

@@ -64,6 +64,14 @@ MAINTENANCE_LOCK_SECONDS = 30
 # delivery lease's grace (status.LEASE_GRACE_SECONDS), so while the started-registry
 # entry lives, the lease does too and no second worker can send the same mail.
 JOB_GRACE_SECONDS = status.LEASE_GRACE_SECONDS
+# KEYS: intermediate list, queue, first-seen mark. ARGV: job id. Moves the id back to
+# the front of its queue only if it is still in the intermediate list (so never twice).
+_PUT_BACK = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1
+"""
 # Where the failed-registry reconciliation got to, per queue (a registry score).
 RECONCILED_KEY = "mq:reconciled:{}"
 
@@ -276,14 +284,9 @@ class AppWorker(SimpleWorker):
             first_seen = float(self.connection.get(seen_key) or stamp)
             if stamp - first_seen < grace:
                 continue
-            with self.connection.pipeline() as pipe:
-                pipe.lrem(queue.intermediate_queue_key, 1, job_id)
-                pipe.lpush(queue.key, job_id)
-                pipe.delete(seen_key)
-                removed = pipe.execute()[0]
-            if not removed:  # pragma: no cover - another cleaner got there first
-                self.connection.lrem(queue.key, 1, job_id)
-            self.log.warning("Worker %s: re-queued stranded job %s", self.name, job_id)
+            keys = [queue.intermediate_queue_key, queue.key, seen_key]
+            if self.connection.eval(_PUT_BACK, 3, *keys, job_id):
+                self.log.warning("Worker %s: re-queued stranded job %s", self.name, job_id)
 
     def reconcile_failed(self, queue: Queue) -> None:
         """Mark `failed` every mail whose job RQ failed without our code recording it

@@ -177,3 +177,16 @@ def test_html_is_autoescaped(app_ctx: Flask) -> None:
     assert rendered.html is not None
     assert "<script>alert(1)" not in rendered.html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in rendered.html
+
+
+def test_dev_sink_listens_on_loopback_only(tmp_path: Path) -> None:
+    from app.devsink import make_controller
+    from tests.servers import free_port
+
+    controller = make_controller(tmp_path, free_port())
+    controller.start()
+    try:
+        addresses = {sock.getsockname()[0] for sock in controller.server.sockets}
+    finally:
+        controller.stop()
+    assert addresses == {"127.0.0.1"}

@@ -13,8 +13,10 @@ REPORT_PATH = PROJECT_ROOT / "test-artifacts" / "reliability.md"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Without `-m`, leave the fault scenarios out: the default run stays seconds long."""
-    if config.option.markexpr:
+    """Without `-m`, leave the fault scenarios out: the default run stays seconds long.
+    Any `-m` (`-m fault`, or the Makefile's `-m ""` for everything) keeps them."""
+    args = config.invocation_params.args
+    if any(arg == "-m" or arg.startswith("-m") for arg in args):
         return
     keep = [item for item in items if item.get_closest_marker("fault") is None]
     dropped = [item for item in items if item.get_closest_marker("fault") is not None]

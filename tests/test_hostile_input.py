@@ -308,3 +308,144 @@ def test_fuzz_other_routes(
     )
     assert response.status_code < 500
     assert snapshot(redis_client) == before
+
+
+# -- the subscriber API (digests) ---------------------------------------------------------
+
+SUBSCRIBER = {"timezone": "Europe/Paris", "frequency": "daily", "hour": 8}
+HOSTILE_SUBSCRIBERS: list[tuple[str, str, dict[str, Any], str]] = [
+    ("unknown time zone", "ann@example.com", {"timezone": "Mars/Olympus"}, "timezone"),
+    ("time zone path", "ann@example.com", {"timezone": "../../etc/passwd"}, "timezone"),
+    ("time zone absolute", "ann@example.com", {"timezone": "/usr/share/zoneinfo/UTC"}, "timezone"),
+    ("time zone with NUL", "ann@example.com", {"timezone": "Europe/Paris\x00"}, "timezone"),
+    ("hour 24", "ann@example.com", {"hour": 24}, "hour"),
+    ("hour -1", "ann@example.com", {"hour": -1}, "hour"),
+    ("hour as text", "ann@example.com", {"hour": "8"}, "hour"),
+    ("hour huge", "ann@example.com", {"hour": 10**30}, "hour"),
+    ("bad frequency", "ann@example.com", {"frequency": "hourly"}, "frequency"),
+    ("bad weekday", "ann@example.com", {"frequency": "weekly", "weekday": "funday"}, "weekday"),
+    ("unknown field", "ann@example.com", {"admin": True}, "admin"),
+    ("non-ASCII address", "jörg@example.com", {}, "email"),
+    ("CRLF in address", "ann@example.com%0d%0aBcc:%20x@y.com", {}, "email"),
+    ("not an address", "not-an-address", {}, "email"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "email", "override", "field"),
+    HOSTILE_SUBSCRIBERS,
+    ids=[c[0] for c in HOSTILE_SUBSCRIBERS],
+)
+def test_hostile_subscriber_is_refused_and_nothing_written(
+    client: FlaskClient,
+    auth: dict[str, str],
+    redis_client: Redis,
+    case: str,
+    email: str,
+    override: dict[str, Any],
+    field: str,
+) -> None:
+    before = snapshot(redis_client)
+    response = client.put(
+        f"/api/subscribers/{email}", json={**SUBSCRIBER, **override}, headers=auth
+    )
+    assert response.status_code == 400, response.get_json()
+    assert response.get_json()["field"] == field
+    assert snapshot(redis_client) == before
+
+
+@pytest.mark.parametrize(
+    ("item", "field"),
+    [
+        ({"title": ""}, "title"),
+        ({"title": "x" * 201}, "title"),
+        ({"title": "ok", "url": "javascript:alert(1)"}, "url"),
+        ({"title": "ok", "url": "https://x.example/" + "a" * 3000}, "url"),
+        ({"title": "ok", "kind": "../x"}, "kind"),
+        ({"title": "ok", "body": "b" * 2001}, "body"),
+        ({"title": ["not", "text"]}, "title"),
+    ],
+)
+def test_hostile_items_are_refused_and_nothing_written(
+    client: FlaskClient,
+    auth: dict[str, str],
+    redis_client: Redis,
+    item: dict[str, Any],
+    field: str,
+) -> None:
+    assert (
+        client.put("/api/subscribers/ann@example.com", json=SUBSCRIBER, headers=auth).status_code
+        == 201
+    )
+    before = snapshot(redis_client)
+    response = client.post("/api/subscribers/ann@example.com/items", json=item, headers=auth)
+    assert response.status_code == 400, response.get_json()
+    assert response.get_json()["field"] == field
+    assert snapshot(redis_client) == before
+
+
+subscriber_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "timezone": st.one_of(
+            st.sampled_from(["UTC", "Europe/Paris", "America/New_York", "Asia/Kolkata", "../UTC"]),
+            st.text(max_size=30),
+            json_values,
+        ),
+        "frequency": st.one_of(st.sampled_from(["daily", "weekly", "off"]), json_values),
+        "hour": st.one_of(st.integers(-5, 30), json_values),
+        "weekday": st.one_of(st.sampled_from(["monday", "sunday", "Monday"]), json_values),
+        "extra": json_values,
+    },
+)
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    email=st.one_of(st.emails(), st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)),
+    body=subscriber_bodies,
+)
+def test_fuzz_put_subscriber(
+    client: FlaskClient, auth: dict[str, str], redis_client: Redis, email: str, body: dict[str, Any]
+) -> None:
+    from urllib.parse import quote
+
+    before = snapshot(redis_client)
+    response = client.put(f"/api/subscribers/{quote(email, safe='@')}", json=body, headers=auth)
+    assert response.status_code < 500, response.get_json()
+    if response.status_code in (200, 201):
+        redis_client.flushall()
+    else:
+        assert snapshot(redis_client) == before
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    item=st.fixed_dictionaries(
+        {},
+        optional={
+            "title": st.one_of(st.text(max_size=60), json_values),
+            "url": st.one_of(st.text(max_size=60), st.just("https://x.example/a"), json_values),
+            "body": st.one_of(st.text(max_size=60), json_values),
+            "kind": st.one_of(st.text(max_size=10), json_values),
+            "extra": json_values,
+        },
+    )
+)
+def test_fuzz_post_item(
+    client: FlaskClient, auth: dict[str, str], redis_client: Redis, item: dict[str, Any]
+) -> None:
+    redis_client.flushall()
+    assert (
+        client.put("/api/subscribers/ann@example.com", json=SUBSCRIBER, headers=auth).status_code
+        == 201
+    )
+    before = snapshot(redis_client)
+    response = client.post("/api/subscribers/ann@example.com/items", json=item, headers=auth)
+    assert response.status_code < 500, response.get_json()
+    if response.status_code != 202:
+        assert snapshot(redis_client) == before

@@ -29,13 +29,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     from flask_mail import Mail
 
-    from app import api, cli, queues, smtp, unsubscribe
+    from app import api, cli, dev, metrics, queues, smtp, unsubscribe
 
     Mail(app)
     queues.init_app(app)
     smtp.init_app(app)
     api.init_app(app)
     unsubscribe.init_app(app)
+    metrics.init_app(app)
+    dev.init_app(app)
     cli.init_app(app)
     return app
 

@@ -53,19 +53,28 @@ def error_response(status_code: int, message: str, field: str | None = None) -> 
 
 @bp.before_request
 def require_token() -> Response | None:
-    """`Authorization: Bearer $API_TOKEN`, compared in constant time; never logged."""
+    """`Authorization: Bearer $API_TOKEN`, compared in constant time; never logged.
+
+    Also guards /metrics (app.metrics)."""
     if request.endpoint == "api.openapi":
         return None  # the API's description is public
-    expected = current_app.config.get("API_TOKEN") or ""
-    header = request.headers.get("Authorization", "")
-    scheme, _, supplied = header.partition(" ")
-    if not expected:
+    if not current_app.config.get("API_TOKEN"):
         return error_response(401, "the API is disabled: set API_TOKEN")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        supplied.strip().encode(), expected.encode()
-    ):
+    if not token_matches(bearer_token()):
         return error_response(401, "missing or wrong bearer token")
     return None
+
+
+def bearer_token() -> str:
+    """The token of this request's `Authorization: Bearer ...` header, or ""."""
+    scheme, _, supplied = request.headers.get("Authorization", "").partition(" ")
+    return supplied.strip() if scheme.lower() == "bearer" else ""
+
+
+def token_matches(supplied: str) -> bool:
+    """`supplied` is API_TOKEN (constant-time); always false while API_TOKEN is unset."""
+    expected = current_app.config.get("API_TOKEN") or ""
+    return bool(expected) and hmac.compare_digest(supplied.encode(), expected.encode())
 
 
 def json_body() -> dict[str, Any]:

@@ -126,8 +126,10 @@ SPEC: dict[str, tuple[Callable[[str, str], Any], str, tuple[str, ...]]] = {
     "API_TOKEN": (_optional_str, "", ()),
     "PUBLIC_URL": (_url(("http", "https")), "http://localhost:5000", ()),
     "WORKER_MAINTENANCE_INTERVAL": (_int_parser(5, 600), "60", ()),
+    # /dev/mail previews: open in debug mode, behind API_TOKEN otherwise; false = no route at all.
+    "MAIL_PREVIEWS": (parse_bool, "true", ()),
     # Set by the dev stack (python -m app.devstack) to the folder where its SMTP sink stores
-    # every message as an .eml file; empty when mail goes to a real server.
+    # every message as an .eml file; empty when mail goes to a real server. Set = /dev/outbox.
     "MAIL_DEV_OUTBOX": (_str, "", ()),
     # Digests: subscribers per digest job, pending items kept per subscriber (oldest
     # dropped beyond it), seconds one digest job may run, seconds a digest's mail record

@@ -8,6 +8,7 @@ plain JSON in the mail record (app/status.py).
 from __future__ import annotations
 
 import calendar
+import functools
 import json
 import random
 import re
@@ -17,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import formataddr, getaddresses, parseaddr
 from typing import Any
 
+import css_inline
 import redis.exceptions
 from email_validator import EmailNotValidError, validate_email
 from flask import current_app, render_template
@@ -26,7 +28,7 @@ from rq import Retry
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
-from app import status
+from app import events, status
 from app.errors import (
     HeaderInjectionError,
     InvalidAddressError,
@@ -62,6 +64,8 @@ class RenderedEmail:
 def render_email(template: str, **context: Any) -> RenderedEmail:
     """Render `email/<template>.txt` and, if present, `.html` (the one template helper).
 
+    The html comes out with its `<style>` rules inlined (see `inline_css`), so
+    transactional mail, digests and previews all look alike in every client.
     Needs an app context, not a request: links come out absolute from PUBLIC_URL.
     """
     text = render_template(f"email/{template}.txt", **context)
@@ -69,7 +73,26 @@ def render_email(template: str, **context: Any) -> RenderedEmail:
         html: str | None = render_template(f"email/{template}.html", **context)
     except TemplateNotFound:
         html = None
-    return RenderedEmail(text=text, html=html)
+    return RenderedEmail(text=text, html=inline_css(html) if html is not None else None)
+
+
+def inline_css(html: str) -> str:
+    """Move `<style>` rules into `style=""` attributes: many mail clients (Gmail's
+    apps, Outlook) drop or ignore `<style>` blocks. @media and other at-rules stay
+    in a `<style>` block for the clients that honour them. `<link>` stylesheets are
+    dropped, never fetched: rendering must not depend on (or leak to) the network."""
+    return _inliner().inline(html)
+
+
+@functools.cache
+def _inliner() -> css_inline.CSSInliner:
+    # Built once per process: it holds the (immutable) options only, and is thread-safe.
+    return css_inline.CSSInliner(
+        load_remote_stylesheets=False,
+        keep_link_tags=False,
+        keep_style_tags=False,
+        keep_at_rules=True,
+    )
 
 
 # Headers whose value is a list of <URL>s (RFC 2369, RFC 8058). The email package
@@ -252,6 +275,16 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> list[J
             pipe.execute()
     except redis.exceptions.RedisError as err:
         raise QueueUnavailableError(f"Redis unavailable, mail not queued: {err}") from err
+    for record in records:
+        events.emit(
+            record.status,  # queued or scheduled
+            mail_id=record.id,
+            template=record.template,
+            attempt=0,
+            kind=record.kind,
+            recipients=len(record.to),
+            send_at=record.send_at,
+        )
     return jobs
 
 

@@ -37,6 +37,9 @@ LEASE_GRACE_SECONDS = 30
 
 KEY_PREFIX = "mq:mail:"
 FAILED_INDEX = "mq:mails:failed"  # zset: id -> time it failed
+# hash: "<outcome>:<template>" -> count, for /metrics (sent, failed, retried), kept in Redis
+# so every worker's counts add up; incremented in the same round trip as the state change.
+STATS_KEY = "mq:stats"
 
 
 def new_id() -> str:
@@ -235,14 +238,32 @@ def update(redis: Redis | Pipeline, mail_id: str, **fields: Any) -> None:
     redis.eval(_UPDATE_IF_EXISTS, 2, key(mail_id), lease_key(mail_id), *_flatten(mapping))
 
 
-def finish(redis: Redis, mail_id: str, status: str, ttl: int, **fields: Any) -> None:
-    """Move a record to a final state, release its lease and start its retention clock."""
+def count(pipe: Redis | Pipeline, outcome: str, template: str) -> None:
+    """Count one outcome (sent, failed, retried) of a mail of `template` for /metrics."""
+    pipe.hincrby(STATS_KEY, f"{outcome}:{template}", 1)
+
+
+def finish(
+    redis: Redis, mail_id: str, status: str, ttl: int, *, metric_template: str = "", **fields: Any
+) -> None:
+    """Move a record to a final state, release its lease and start its retention clock.
+
+    With `metric_template`, the outcome is counted for /metrics in the same round trip.
+    """
     with redis.pipeline() as pipe:
-        queue_finish(pipe, mail_id, status, ttl, **fields)
+        queue_finish(pipe, mail_id, status, ttl, metric_template=metric_template, **fields)
         pipe.execute()
 
 
-def queue_finish(pipe: Pipeline, mail_id: str, status: str, ttl: int, **fields: Any) -> None:
+def queue_finish(
+    pipe: Pipeline,
+    mail_id: str,
+    status: str,
+    ttl: int,
+    *,
+    metric_template: str = "",
+    **fields: Any,
+) -> None:
     """`finish` on the caller's pipeline, so it can share a MULTI/EXEC with other writes."""
     stamp = now_iso()
     mapping = {name: _encode(value) for name, value in fields.items()}
@@ -255,6 +276,8 @@ def queue_finish(pipe: Pipeline, mail_id: str, status: str, ttl: int, **fields: 
         pipe.zadd(FAILED_INDEX, {mail_id: datetime.now(UTC).timestamp()})
     else:
         pipe.zrem(FAILED_INDEX, mail_id)
+    if metric_template:
+        count(pipe, status, metric_template)
 
 
 def settle(redis: Redis, mail_id: str, new_status: str, reason: str, ttl: int) -> bool:

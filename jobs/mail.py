@@ -12,7 +12,7 @@ from redis import Redis
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from app import status
+from app import events, status
 from app.errors import DeliveryError, MailInFlightError, TransientDeliveryError
 from app.mail import build_message
 from app.queues import get_redis
@@ -40,17 +40,15 @@ def deliver(mail_id: str) -> str:
         redis, mail_id, int(timeout) + status.LEASE_GRACE_SECONDS
     )
     if outcome == "missing":
-        log.warning("mail %s: record gone (purged or deleted); nothing to send", mail_id)
+        events.emit(events.SKIPPED, mail_id=mail_id, template="", attempt=0, reason="record gone")
         return "missing"
+    assert record is not None
     if outcome == "sent":
-        log.info("mail %s: already sent; skipping duplicate job", mail_id)
+        _emit(events.SKIPPED, record, reason="already sent")
         return "already sent"
     if outcome == "busy":
         raise MailInFlightError(f"mail {mail_id} is being delivered by another worker")
-    assert record is not None
-    log.info(
-        "mail %s: sending (template %s, attempt %d)", mail_id, record.template, record.attempts
-    )
+    _emit(events.SENDING, record)
     try:
         message = build_message(record)
         refused = get_mailer().send(message)
@@ -67,11 +65,28 @@ def deliver(mail_id: str) -> str:
         raise
     _persist(
         lambda: status.finish(
-            redis, mail_id, status.SENT, config["MAIL_STATUS_TTL"], refused=refused
+            redis,
+            mail_id,
+            status.SENT,
+            config["MAIL_STATUS_TTL"],
+            metric_template=record.template,
+            refused=refused,
         )
     )
-    log.info("mail %s: sent%s", mail_id, f" ({len(refused)} refused)" if refused else "")
+    _emit(events.SENT, record, recipients=len(record.to), refused=len(refused) or None)
     return "sent"
+
+
+def _emit(event: str, record: status.MailRecord, **extra: object) -> None:
+    job = get_current_job()
+    events.emit(
+        event,
+        mail_id=record.id,
+        job_id=job.id if job is not None else None,
+        template=record.template,
+        attempt=record.attempts,
+        **extra,
+    )
 
 
 def _record_failure(
@@ -87,13 +102,29 @@ def _record_failure(
         retries_left = 0
     fields = {"last_error": str(err), "refused": err.refused}
     if retries_left:
-        status.update(redis, record.id, status=status.RETRYING, **fields)
-        log.warning("mail %s: retry scheduled (%s)", record.id, err)
+        with redis.pipeline(transaction=False) as pipe:
+            status.update(pipe, record.id, status=status.RETRYING, **fields)
+            status.count(pipe, "retried", record.template)
+            pipe.execute()
+        # RQ schedules the retry after this job raises, with this interval.
+        _emit(
+            events.RETRY_SCHEDULED,
+            record,
+            retry_in=job.get_retry_interval() if job is not None else None,
+            retries_left=retries_left - 1,  # after this one, as RQ counts
+            error=type(err).__name__,
+            reason=str(err),
+        )
     else:
         status.finish(
-            redis, record.id, status.FAILED, current_app.config["MAIL_STATUS_TTL"], **fields
+            redis,
+            record.id,
+            status.FAILED,
+            current_app.config["MAIL_STATUS_TTL"],
+            metric_template=record.template,
+            **fields,
         )
-        log.error("mail %s: failed (%s)", record.id, err)
+        _emit(events.FAILED, record, error=type(err).__name__, reason=str(err))
 
 
 def _persist(write: Callable[[], None]) -> None:

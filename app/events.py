@@ -1,0 +1,72 @@
+"""Structured log lines for every state change of a mail, on the `mailqueue.events` logger.
+
+One line per change, logfmt (`event=sent mail_id=... job_id=... template=... attempt=1`),
+so `grep mail_id=<id>` follows one mail through web and worker logs, and a log
+pipeline can parse the fields (they are also attached to the record as
+`record.mail_event` for a JSON formatter). Only identifiers, counts and
+redacted reasons go out: never the body, the template context, the recipients'
+addresses, credentials or tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+log = logging.getLogger("mailqueue.events")
+
+QUEUED = "queued"
+SCHEDULED = "scheduled"
+SENDING = "sending"
+SENT = "sent"
+RETRY_SCHEDULED = "retry_scheduled"
+FAILED = "failed"
+SKIPPED = "skipped"
+
+_LEVELS = {RETRY_SCHEDULED: logging.WARNING, FAILED: logging.ERROR}
+_BARE = re.compile(r"^[A-Za-z0-9_.:/@+-]+$")
+# SMTP replies name the refused recipients; keep the domain, hide the mailbox.
+_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
+MAX_REASON = 300
+
+
+def emit(
+    event: str,
+    *,
+    mail_id: str,
+    template: str,
+    attempt: int,
+    job_id: str | None = None,
+    **extra: Any,
+) -> None:
+    """Log one state change. `extra` holds further identifiers or counts (never content)."""
+    fields: dict[str, Any] = {
+        "event": event,
+        "mail_id": mail_id,
+        "job_id": job_id or mail_id,
+        "template": template,
+        "attempt": attempt,
+    }
+    fields.update((name, value) for name, value in extra.items() if value not in (None, ""))
+    if "reason" in fields:
+        fields["reason"] = redact(str(fields["reason"]))
+    log.log(_LEVELS.get(event, logging.INFO), format_fields(fields), extra={"mail_event": fields})
+
+
+def format_fields(fields: dict[str, Any]) -> str:
+    """logfmt: bare values where safe, double-quoted (JSON escapes) otherwise."""
+    parts = []
+    for name, value in fields.items():
+        text = str(value)
+        if not _BARE.match(text):
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            text = text.replace("\n", "\\n").replace("\r", "\\r")
+        parts.append(f"{name}={text}")
+    return " ".join(parts)
+
+
+def redact(reason: str) -> str:
+    """A failure reason fit for a log: addresses masked to their domain, bounded length."""
+    masked = _ADDRESS.sub(lambda m: f"***@{m.group(1)}", reason)
+    return masked if len(masked) <= MAX_REASON else masked[: MAX_REASON - 1] + "…"

@@ -330,21 +330,21 @@ def outbox_dir() -> Path:
     return Path(current_app.config["MAIL_DEV_OUTBOX"])
 
 
-def outbox_entries(limit: int = OUTBOX_LIMIT) -> tuple[list[OutboxEntry], int]:
-    """The newest `limit` messages, newest first, and how many there are in all."""
+def outbox_entries() -> tuple[list[OutboxEntry], int]:
+    """The newest OUTBOX_LIMIT messages, newest first, and how many there are in all."""
     folder = outbox_dir()
     try:
         files = [
             (entry.stat().st_mtime_ns, entry.name, entry.stat().st_size)
             for entry in os.scandir(folder)
-            if entry.is_file() and OUTBOX_FILE.match(entry.name)
+            if entry.is_file(follow_symlinks=False) and OUTBOX_FILE.match(entry.name)
         ]
     except FileNotFoundError:
         return [], 0
     files.sort(reverse=True)
     entries = []
     parser = BytesHeaderParser(policy=email.policy.default)
-    for mtime_ns, filename, size in files[:limit]:
+    for mtime_ns, filename, size in files[:OUTBOX_LIMIT]:
         try:
             with open(folder / filename, "rb") as handle:
                 headers = parser.parse(handle)

@@ -182,6 +182,8 @@ class Preview:
     sample: Sample
     has_txt: bool
     has_html: bool
+    subject: str = ""  # as sent: with MAIL_SUBJECT_PREFIX
+    sender: str = ""
     text: str = ""
     html: str | None = None
     headers: str = ""
@@ -281,6 +283,8 @@ def build_preview(name: str) -> Preview:
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
     head, _, _ = raw.replace(b"\r\n", b"\n").partition(b"\n\n")
     preview.headers = head.decode("ascii", "replace")
+    preview.subject = str(parsed["Subject"])
+    preview.sender = str(parsed["From"])
     preview.text = message.body or ""
     preview.html = message.html
     preview.parts = [part.get_content_type() for part in parsed.walk()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ def deliver_to_outbox(
     for index, message in enumerate(received):
         path = folder / f"20300101T0000{index:02d}-{index:04d}.eml"
         path.write_bytes(message.raw)
-        os.utime(path, ns=(1_900_000_000_000_000_000 + index, 1_900_000_000_000_000_000 + index))
+        stamp = time.time_ns() + index * 1_000_000_000  # one second apart
+        os.utime(path, ns=(stamp, stamp))
         paths.append(path)
     return paths
 

@@ -1,0 +1,156 @@
+"""The dev pages as a person sees them: a real HTTP server, headless Chromium, screenshots.
+
+Chromium's --dump-dom prints the top document only (an iframe's document is not part
+of it), so the iframe is checked three ways: the page's DOM has the sandboxed iframe,
+the server saw Chromium fetch the iframe's URL while loading the page, and that URL
+rendered on its own shows the mail. Screenshots go to test-artifacts/ for a human.
+Needs Debian's `chromium` (`apt-get install chromium`; `.ci/run` installs it).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from werkzeug.serving import make_server
+
+from app import PROJECT_ROOT, create_app
+from tests.servers import SMTPServer
+from tests.test_dev_outbox import deliver_to_outbox
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = PROJECT_ROOT / "test-artifacts"
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless browser test needs Debian's chromium: apt-get install -y chromium",
+)
+
+
+class LiveServer:
+    """The app on a free 127.0.0.1 port in a thread, recording (path, status) of requests."""
+
+    def __init__(self, app: Flask) -> None:
+        self.requests: list[tuple[str, int]] = []
+        self.server = make_server("127.0.0.1", 0, self._record(app), threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _record(self, app: Flask) -> Callable[..., Any]:
+        def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            def recording_start(status: str, headers: Any, *args: Any) -> Any:
+                self.requests.append((environ["PATH_INFO"], int(status.split()[0])))
+                return start_response(status, headers, *args)
+
+            return app.wsgi_app(environ, recording_start)
+
+        return wsgi
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+class Browser:
+    """One headless Chromium run per call, with a throw-away profile."""
+
+    def __init__(self, profile: Path) -> None:
+        self.profile = profile
+
+    def _run(self, url: str, *args: str) -> str:
+        assert CHROMIUM is not None
+        command = [
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--no-first-run", "--hide-scrollbars", f"--user-data-dir={self.profile}",
+            # Let subresources (the iframe) load before the DOM is dumped or the shot taken.
+            "--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000",
+            *args, url,
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=90, check=False)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    def dom(self, url: str) -> str:
+        return self._run(url, "--dump-dom")
+
+    def screenshot(self, url: str, name: str) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        path.unlink(missing_ok=True)
+        self._run(url, f"--screenshot={path}", "--window-size=1200,900")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "no screenshot written"
+        assert path.stat().st_size > 10_000, "screenshot suspiciously small (blank page?)"
+        return path
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Browser:
+    return Browser(tmp_path / "chromium-profile")
+
+
+@pytest.fixture
+def live(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The app in debug mode (as on a developer machine) with an outbox folder."""
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    monkeypatch.setenv("MAIL_DEV_OUTBOX", str(outbox))
+    app = create_app({"TESTING": True, "DEBUG": True})
+    with LiveServer(app) as server:
+        server.app = app  # type: ignore[attr-defined]
+        server.outbox = outbox  # type: ignore[attr-defined]
+        yield server
+
+
+def test_mail_preview_in_chromium(live: Any, browser: Browser) -> None:
+    index = browser.dom(f"{live.url}/dev/mail/")
+    assert 'href="/dev/mail/test"' in index and "Mail previews" in index
+
+    live.requests.clear()
+    page = browser.dom(f"{live.url}/dev/mail/test")
+    assert re.search(r'<iframe class="mail"[^>]* sandbox="" src="/dev/mail/test.html"', page)
+    assert "Hello ann@example.com," in page  # the text part
+    assert "Subject: [Example] Test message" in page  # the headers
+    assert ("/dev/mail/test.html", 200) in live.requests, live.requests  # the iframe loaded
+
+    frame = browser.dom(f"{live.url}/dev/mail/test.html")
+    assert re.search(r'<h1 style="font-size: 20px;[^"]*">It works</h1>', frame)
+    assert "Hello ann@example.com," in frame
+
+    browser.screenshot(f"{live.url}/dev/mail/", "dev-mail-index")
+    browser.screenshot(f"{live.url}/dev/mail/test", "dev-mail-preview")
+
+
+def test_outbox_in_chromium(
+    live: Any, browser: Browser, smtp_server: SMTPServer, work: Any
+) -> None:
+    [_first, second] = deliver_to_outbox(
+        live.app, smtp_server, work, live.outbox, ["Your receipt", "Welcome aboard"]
+    )
+    index = browser.dom(f"{live.url}/dev/outbox/")
+    subjects = re.findall(r'<a href="/dev/outbox/[^"]+">([^<]+)</a>', index)
+    assert subjects == ["[Example] Welcome aboard", "[Example] Your receipt"]  # newest first
+
+    live.requests.clear()
+    page = browser.dom(f"{live.url}/dev/outbox/{second.name}")
+    assert f'src="/dev/outbox/{second.name}/html"' in page
+    assert "Hello Ann," in page and "Message-ID:" in page
+    assert (f"/dev/outbox/{second.name}/html", 200) in live.requests, live.requests
+
+    frame = browser.dom(f"{live.url}/dev/outbox/{second.name}/html")
+    assert re.search(r'<h1 style="font-size: 20px;[^"]*">It works</h1>', frame)
+
+    browser.screenshot(f"{live.url}/dev/outbox/", "dev-outbox-index")
+    browser.screenshot(f"{live.url}/dev/outbox/{second.name}", "dev-outbox-message")

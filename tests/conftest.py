@@ -54,6 +54,7 @@ def smtp_tls_server(tls_ca: trustme.CA) -> Iterator[SMTPServer]:
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No developer `.env` or exported MAIL_* value may leak into a test."""
     monkeypatch.setattr("app.config.load_dotenv_file", lambda: None)
+    monkeypatch.delenv("FLASK_DEBUG", raising=False)  # opens /dev pages without a token
     for key, (_parse, _default, aliases) in SPEC.items():
         for name in (key, *aliases):
             monkeypatch.delenv(name, raising=False)

@@ -277,3 +277,10 @@ def test_templates_in_subfolders_are_previewed(debug_app: Flask, extra_templates
     assert "Welcome Ann" in client.get("/dev/mail/account/welcome").get_data(as_text=True)
     raw = client.get("/dev/mail/account/welcome.html").get_data(as_text=True)
     assert '<p style="font-size: 15px;' in raw and "Welcome Ann" in raw
+
+
+def test_login_page_and_dev_index(client: Any) -> None:
+    page = client.get("/dev/login?next=/dev/mail/test")
+    assert page.status_code == 200
+    assert 'name="next" value="/dev/mail/test"' in page.get_data(as_text=True)
+    assert client.get("/dev/").headers["Location"] == "/dev/mail/"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import trustme
@@ -13,10 +14,11 @@ from redis import Redis
 
 from app import create_app
 from app.config import SPEC
+from app.devsink import make_controller
 from app.queues import get_redis
 from app.smtp import get_mailer
 from app.worker import AppWorker
-from tests.servers import RedisServer, SMTPServer
+from tests.servers import RedisServer, SMTPServer, free_port
 
 API_TOKEN = "test-token-not-secret"
 
@@ -130,3 +132,36 @@ def run_worker(queues: tuple[str, ...] = ("mail", "digests")) -> AppWorker:
 def work(env: dict[str, str]) -> Callable[..., AppWorker]:
     """Call `work()` to drain the queues with an AppWorker built from the environment."""
     return run_worker
+
+
+@pytest.fixture
+def outbox(tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The dev stack's mail setup: the dev SMTP sink (app.devsink) on a free port as
+    MAIL_SERVER, storing `.eml` files in the MAIL_DEV_OUTBOX folder this returns."""
+    folder = tmp_path / "outbox"
+    controller = make_controller(folder, free_port())
+    controller.start()
+    monkeypatch.setenv("MAIL_SERVER", "127.0.0.1")
+    monkeypatch.setenv("MAIL_PORT", str(controller.port))
+    monkeypatch.setenv("MAIL_DEV_OUTBOX", str(folder))
+    yield folder
+    controller.stop()
+
+
+@pytest.fixture
+def deliver_to_outbox(outbox: Path) -> Callable[[Flask, list[str]], list[Path]]:
+    """Call `deliver_to_outbox(app, subjects)`: send one test mail per subject, in order,
+    through a worker to the dev sink; returns the stored `.eml` files, oldest first."""
+
+    def deliver(app: Flask, subjects: list[str]) -> list[Path]:
+        from app.mail import send_email
+
+        with app.app_context():
+            for subject in subjects:
+                send_email("Ann Example <ann@example.com>", subject, "test", address="Ann")
+        run_worker()
+        paths = sorted(outbox.glob("*.eml"))  # the sink names files by arrival time
+        assert len(paths) == len(subjects)
+        return paths
+
+    return deliver

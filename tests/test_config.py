@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "DIGEST_MAX_ITEMS": 200,
     "DIGEST_JOB_TIMEOUT": 600,
     "DIGEST_STATUS_TTL": 2 * 24 * 3600,
+    "MAIL_PREVIEWS": True,
 }
 
 

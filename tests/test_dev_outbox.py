@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,38 +12,7 @@ import pytest
 from flask import Flask
 
 from app import create_app
-from app.mail import send_email
 from tests.conftest import API_TOKEN
-from tests.servers import SMTPServer
-
-
-def deliver_to_outbox(
-    app: Flask, smtp_server: SMTPServer, work: Any, folder: Path, subjects: list[str]
-) -> list[Path]:
-    """Send real mails through the worker and SMTP, and store them as a sink would (.eml),
-    the first oldest."""
-    with app.app_context():
-        for subject in subjects:
-            send_email("Ann Example <ann@example.com>", subject, "test", address="Ann")
-    work()
-    received = smtp_server.wait_for(len(subjects))
-    assert len(received) == len(subjects)
-    paths = []
-    for index, message in enumerate(received):
-        path = folder / f"20300101T0000{index:02d}-{index:04d}.eml"
-        path.write_bytes(message.raw)
-        stamp = time.time_ns() + index * 1_000_000_000  # one second apart
-        os.utime(path, ns=(stamp, stamp))
-        paths.append(path)
-    return paths
-
-
-@pytest.fixture
-def outbox(tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "outbox"
-    folder.mkdir()
-    monkeypatch.setenv("MAIL_DEV_OUTBOX", str(folder))
-    return folder
 
 
 @pytest.fixture
@@ -60,9 +28,9 @@ def test_not_served_without_mail_dev_outbox(env: dict[str, str]) -> None:
 
 
 def test_lists_messages_newest_first(
-    debug_app: Flask, outbox: Path, smtp_server: SMTPServer, work: Any
+    debug_app: Flask, outbox: Path, deliver_to_outbox: Any
 ) -> None:
-    deliver_to_outbox(debug_app, smtp_server, work, outbox, ["First", "Second", "Third"])
+    deliver_to_outbox(debug_app, ["First", "Second", "Third"])
     body = debug_app.test_client().get("/dev/outbox/").get_data(as_text=True)
     subjects = re.findall(r'<a href="/dev/outbox/[^"]+">([^<]+)</a>', body)
     assert subjects == ["[Example] Third", "[Example] Second", "[Example] First"]
@@ -71,9 +39,9 @@ def test_lists_messages_newest_first(
 
 
 def test_message_shows_html_iframe_text_and_source(
-    debug_app: Flask, outbox: Path, smtp_server: SMTPServer, work: Any
+    debug_app: Flask, deliver_to_outbox: Any
 ) -> None:
-    [path] = deliver_to_outbox(debug_app, smtp_server, work, outbox, ["Hello"])
+    [path] = deliver_to_outbox(debug_app, ["Hello"])
     client = debug_app.test_client()
     page = client.get(f"/dev/outbox/{path.name}")
     assert page.status_code == 200

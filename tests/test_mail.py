@@ -155,6 +155,6 @@ def test_render_email_renders_both_parts_with_the_layout(app_ctx: Flask) -> None
     assert "Hello <b>Ann</b>," in rendered.text
     assert rendered.html is not None
     assert "Hello &lt;b&gt;Ann&lt;/b&gt;," in rendered.html
-    assert "<style>" in rendered.html  # the shared layout
+    assert '<div class="container" style="' in rendered.html  # the shared layout, CSS inlined
     assert "Sent by https://mail.example.com" in rendered.text
     assert "https://mail.example.com/healthz" in rendered.html

@@ -298,8 +298,9 @@ def test_digest_mime_headers_grouping_escaping_and_links(
     assert "Fresh &lt;news&gt; &amp; more" in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>" not in html
     assert "Nice &amp; &lt;clear&gt;" in html
-    assert '<a href="https://example.com/n?a=1&amp;b=2">' in html
-    assert '<a href="https://example.com/old">Old news</a>' in html
+    # Links keep their href, with the layout's CSS inlined (app.mail.inline_css).
+    assert '<a href="https://example.com/n?a=1&amp;b=2" style="color: #2563eb;">' in html
+    assert '<a href="https://example.com/old" style="color: #2563eb;">Old news</a>' in html
     assert "Fri 27 Nov, 07:02" in text  # when, in the subscriber's time zone
     record = client.get(f"/api/mail/{mail_id}", headers=auth).get_json()
     assert record["status"] == "sent" and record["kind"] == "digest" and record["to"] == [ANN]

@@ -172,6 +172,7 @@ class Sample:
     subject: str
     to: str | list[str]
     context: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
     note: str = ""  # shown beside the template; set when there is no usable sample
     usable: bool = True  # false: the file exists but is broken, nothing is rendered
 
@@ -215,7 +216,7 @@ def _source(path: str) -> str | None:
 
 
 def load_sample(name: str) -> Sample:
-    """Read `email/<name>.preview.json`: {"subject"?, "to"?, "context"?: {...}}."""
+    """Read `email/<name>.preview.json`: {"subject"?, "to"?, "context"?: {...}, "headers"?}."""
     fallback_subject = f"Preview of {name}"
     path = f"email/{name}{PREVIEW_SUFFIX}"
     source = _source(path)
@@ -233,12 +234,12 @@ def load_sample(name: str) -> Sample:
         return _broken(name, f"templates/{path} is not valid JSON: {err}")
     if not isinstance(data, dict):
         return _broken(name, f'templates/{path} must be a JSON object {{"context": {{...}}}}')
-    unknown = sorted(set(data) - {"subject", "to", "context"})
+    unknown = sorted(set(data) - {"subject", "to", "context", "headers"})
     if unknown:
         return _broken(
             name,
-            f"templates/{path}: unknown key {unknown[0]!r} (expected subject, to, context; "
-            "the template variables go inside context)",
+            f"templates/{path}: unknown key {unknown[0]!r} (expected subject, to, context, "
+            "headers; the template variables go inside context)",
         )
     subject = data.get("subject", fallback_subject)
     to = data.get("to", DEFAULT_PREVIEW_TO)
@@ -249,7 +250,10 @@ def load_sample(name: str) -> Sample:
         return _broken(name, f"templates/{path}: to must be an address or a list of addresses")
     if not isinstance(context, dict):
         return _broken(name, f"templates/{path}: context must be a JSON object")
-    return Sample(subject, to, context)
+    headers = data.get("headers", {})
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        return _broken(name, f"templates/{path}: headers must map names to strings")
+    return Sample(subject, to, context, headers)
 
 
 def _broken(name: str, note: str) -> Sample:
@@ -271,7 +275,7 @@ def build_preview(name: str) -> Preview:
         return preview
     sample = preview.sample
     try:
-        record = prepare(sample.to, sample.subject, name, sample.context)
+        record = prepare(sample.to, sample.subject, name, sample.context, headers=sample.headers)
         message = build_message(record)
         raw = message.as_bytes()
     except InvalidMailError as err:

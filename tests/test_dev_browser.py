@@ -135,6 +135,18 @@ def test_mail_preview_in_chromium(live: Any, browser: Browser) -> None:
     browser.screenshot(f"{live.url}/dev/mail/test", "dev-mail-preview")
 
 
+def test_digest_preview_in_chromium(live: Any, browser: Browser) -> None:
+    live.requests.clear()
+    page = browser.dom(f"{live.url}/dev/mail/digest")
+    assert 'src="/dev/mail/digest.html"' in page
+    assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in page
+    assert ("/dev/mail/digest.html", 200) in live.requests, live.requests
+    frame = browser.dom(f"{live.url}/dev/mail/digest.html")
+    assert re.search(r'<a href="https://example.com/changelog/2.3" style="[^"]+">Release', frame)
+    assert "Maintenance on Saturday" in frame
+    browser.screenshot(f"{live.url}/dev/mail/digest", "dev-mail-digest")
+
+
 def test_outbox_in_chromium(live: Any, browser: Browser, deliver_to_outbox: Any) -> None:
     [_first, second] = deliver_to_outbox(live.app, ["Your receipt", "Welcome aboard"])
     index = browser.dom(f"{live.url}/dev/outbox/")

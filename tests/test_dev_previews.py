@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from flask import Flask
 from jinja2 import ChoiceLoader, FileSystemLoader
 from redis import Redis
 
-from app import create_app
+from app import PROJECT_ROOT, create_app, digests
 from app.mail import send_email
 from tests.conftest import API_TOKEN
 from tests.servers import SMTPServer
@@ -219,6 +220,7 @@ def test_template_without_sample_is_listed_with_a_note_and_still_rendered(
         ('{"context": []}', "context must be a JSON object"),
         ('{"subject": 3}', "subject must be a string"),
         ('{"to": 3}', "to must be an address"),
+        ('{"headers": {"X-A": 1}}', "headers must map names to strings"),
     ],
 )
 def test_broken_sample_is_a_clear_note_not_a_crash(
@@ -284,3 +286,36 @@ def test_login_page_and_dev_index(client: Any) -> None:
     assert page.status_code == 200
     assert 'name="next" value="/dev/mail/test"' in page.get_data(as_text=True)
     assert client.get("/dev/").headers["Location"] == "/dev/mail/"
+
+
+def test_digest_is_previewed_with_sample_items_and_its_list_headers(debug_app: Flask) -> None:
+    client = debug_app.test_client()
+    assert 'href="/dev/mail/digest"' in client.get("/dev/mail/").get_data(as_text=True)
+    body = html.unescape(client.get("/dev/mail/digest").get_data(as_text=True))
+    assert "Subject: [Example] Your daily digest: 4 new items" in body
+    assert "List-Unsubscribe: <https://mail.example.com/unsubscribe/preview-token>" in body
+    assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in body
+    text = re.search(r'<pre id="text-part">(.*?)</pre>', body, re.S)
+    assert text is not None
+    assert text.group(1).index("Comment") < text.group(1).index("Update")
+    assert "* Bob replied to your post (Tue 15 Jan, 07:41)" in text.group(1)
+    frame = client.get("/dev/mail/digest.html").get_data(as_text=True)
+    assert 'style="color: #2563eb;">Release 2.3 is out</a>' in frame
+    assert "Faster digests &amp; &lt;safer&gt; unsubscribe links." in frame
+
+
+def test_digest_sample_has_the_shape_the_digest_job_renders(app_ctx: Flask) -> None:
+    """The sample context must keep up with app.digests.digest_context."""
+    sample = json.loads((PROJECT_ROOT / "templates/email/digest.preview.json").read_text())
+    digests.upsert_subscriber("ann@example.com", "Europe/Paris", "daily")
+    digests.add_item("ann@example.com", "A", url="https://example.com/a", body="b", kind="x")
+    subscriber = digests.get_subscriber("ann@example.com")
+    assert subscriber is not None
+    item = {"title": "A", "url": "", "body": "", "kind": "x", "at": "2030-01-15T07:41:00+00:00"}
+    real = digests.digest_context(subscriber, "2030-01-15", [item])
+    context = sample["context"]
+    assert set(context) == set(real)
+    assert set(context["groups"][0]) == set(real["groups"][0])
+    entry_keys = set(real["groups"][0]["entries"][0]) - {"at", "order"}  # not JSON; unused
+    assert all(set(e) == entry_keys for g in context["groups"] for e in g["entries"])
+    assert set(sample["headers"]) == set(digests.digest_headers("ann@example.com"))

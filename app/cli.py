@@ -24,6 +24,7 @@ from app.errors import (
     UnknownMailError,
 )
 from app.mail import requeue_failed, send_email
+from app.progress import Progress
 from app.queues import MAIL_QUEUE, get_queue, get_redis
 
 mail_cli = AppGroup("mail", help="Transactional mail.")
@@ -58,10 +59,11 @@ def digest_run(at: str | None) -> None:
         if now.tzinfo is None or now.utcoffset() is None:
             raise click.BadParameter("give a UTC offset, e.g. ...T08:00Z", param_hint="--at")
     try:
-        result = digests.dispatch_due(now)
+        with Progress("dispatching due digests", digests.count_due(now)) as progress:
+            result = digests.dispatch_due(now, on_batch=progress.advance)
     except redis.exceptions.RedisError as err:
         raise click.ClickException(f"Redis unavailable: {err}") from err
-    click.echo(
+    progress.summary(
         f"due: {result.due}, enqueued: {result.enqueued}, skipped: {result.skipped}"
         f" ({result.jobs} digest jobs)"
     )

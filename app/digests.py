@@ -514,7 +514,19 @@ class DispatchResult:
 _SUB_FIELDS = ("timezone", "frequency", "hour", "weekday", "last_period", "dispatched")
 
 
-def dispatch_due(now: datetime | None = None, *, batch: int = CLAIM_BATCH) -> DispatchResult:
+def count_due(now: datetime | None = None) -> int:
+    """How many subscribers' index entries are due at `now` (one ZCOUNT; an estimate
+    for progress: a concurrent dispatcher may take some of them)."""
+    count: Any = get_redis().zcount(DUE_KEY, "-inf", _aware(now).timestamp())
+    return int(count)
+
+
+def dispatch_due(
+    now: datetime | None = None,
+    *,
+    batch: int = CLAIM_BATCH,
+    on_batch: Callable[[int], None] | None = None,
+) -> DispatchResult:
     """Enqueue a digest for every subscriber whose current period is due and unhandled.
 
     Per batch of up to `batch` due subscribers: one Lua call claims them (moves
@@ -522,7 +534,8 @@ def dispatch_due(now: datetime | None = None, *, batch: int = CLAIM_BATCH) -> Di
     same ones) and returns their settings, then one MULTI/EXEC that
     enqueues the digest jobs (DIGEST_CHUNK_SIZE subscribers each) and moves each
     entry to its next period's due time. A dispatcher that dies mid-batch leaves
-    leased entries that come due again after CLAIM_LEASE_SECONDS.
+    leased entries that come due again after CLAIM_LEASE_SECONDS. `on_batch(n)` hears
+    of every batch of `n` due subscribers done (progress for `flask digest run`).
     """
     now = _aware(now)
     redis = get_redis()
@@ -572,6 +585,8 @@ def dispatch_due(now: datetime | None = None, *, batch: int = CLAIM_BATCH) -> Di
             pipe.eval(_SETTLE_DUE, 1, DUE_KEY, lease, SUB_PREFIX, *settle)
             pipe.execute()
         result.enqueued += len(pairs)
+        if on_batch is not None:
+            on_batch(len(rows))
         if len(rows) < batch:
             break
     return result
@@ -693,7 +708,9 @@ def settle(
                 if mail_status == status.SENT
                 else config["MAIL_STATUS_TTL"]
             )
-            status.queue_finish(pipe, mail_id, mail_status, ttl, **record_fields)
+            status.queue_finish(
+                pipe, mail_id, mail_status, ttl, metric_template=DIGEST_TEMPLATE, **record_fields
+            )
         pipe.execute()
 
 

@@ -81,5 +81,6 @@ class Progress:
     def _position(self) -> str:
         if self.total is None:
             return f"{self.done} done"
-        percent = 100 * self.done // self.total if self.total else 100
+        # The total may be an estimate (work arriving meanwhile): never past 100%.
+        percent = min(100, 100 * self.done // self.total) if self.total else 100
         return f"{self.done}/{self.total} ({percent}%)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from datetime import datetime
+from typing import Any
 
 from flask import current_app
 from redis import Redis
@@ -21,7 +22,7 @@ from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from app import digests, status
+from app import digests, events, status
 from app.errors import DeliveryError, MailInFlightError, TransientDeliveryError
 from app.mail import build_message
 from app.queues import get_redis
@@ -104,7 +105,7 @@ def _deliver(redis: Redis, claim: digests.Claim) -> str:
     # to wait for, and the retry renders the same claimed items again.
     context = digests.digest_context(subscriber, claim.period, claim.items)
     message = build_message(record, context)
-    outcome, _ = status.begin_attempt(
+    outcome, attempted = status.begin_attempt(
         redis,
         record.id,
         config["MAIL_JOB_TIMEOUT"] + 30,
@@ -117,6 +118,8 @@ def _deliver(redis: Redis, claim: digests.Claim) -> str:
         return "already sent"
     if outcome == "busy":
         raise MailInFlightError(f"digest {record.id} is being sent by another worker")
+    attempt = attempted.attempts if attempted is not None else 0
+    _emit(events.SENDING, record.id, attempt, items=len(claim.items))
     refused = get_mailer().send(message)
     digests.settle(
         redis,
@@ -127,18 +130,40 @@ def _deliver(redis: Redis, claim: digests.Claim) -> str:
         mail_status=status.SENT,
         refused=refused,
     )
+    _emit(events.SENT, record.id, attempt, refused=len(refused) or None)
     return "sent"
+
+
+def _emit(event: str, mail_id: str, attempt: int | None, **extra: object) -> None:
+    """A digest mail's state change on mailqueue.events (its job is the chunk's job)."""
+    job = get_current_job()
+    events.emit(
+        event,
+        mail_id=mail_id,
+        job_id=job.id if job is not None else "",
+        template=digests.DIGEST_TEMPLATE,
+        attempt=attempt if attempt is not None else 0,
+        kind="digest",
+        **extra,
+    )
+
+
+def _attempts(redis: Redis, mail_id: str) -> int:
+    """How many attempts a digest's record counts (failure paths only: one round trip)."""
+    raw: Any = redis.hget(status.key(mail_id), "attempts")
+    return int(raw) if raw and raw.isdigit() else 0
 
 
 def _give_up(redis: Redis, claim: digests.Claim, err: Exception) -> None:
     """This period failed for good: keep its items for the next digest, record why."""
     reason = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__}: {err}"
-    log.error("digest %s %s: failed (%s)", claim.email, claim.period, reason)
     mail_id = (
         digests.digest_mail_id(claim.email, claim.period, claim.subscriber.gen)
         if claim.subscriber
         else None
     )
+    if mail_id is None:
+        log.error("digest %s %s: failed (%s)", claim.email, claim.period, reason)
     refused = err.refused if isinstance(err, DeliveryError) else {}
     digests.settle(
         redis,
@@ -150,6 +175,9 @@ def _give_up(redis: Redis, claim: digests.Claim, err: Exception) -> None:
         last_error=reason,
         refused=refused,
     )
+    if mail_id is not None:
+        error = type(err).__name__
+        _emit(events.FAILED, mail_id, _attempts(redis, mail_id), error=error, reason=reason)
 
 
 def _defer(
@@ -165,7 +193,19 @@ def _defer(
             digests.release(redis, claim.email, claim.period)
             if claim.subscriber is not None and not isinstance(err, MailInFlightError):
                 mail_id = digests.digest_mail_id(claim.email, claim.period, claim.subscriber.gen)
-                status.update(redis, mail_id, status=status.RETRYING, last_error=str(err))
+                with redis.pipeline(transaction=False) as pipe:
+                    status.update(pipe, mail_id, status=status.RETRYING, last_error=str(err))
+                    status.count(pipe, "retried", digests.DIGEST_TEMPLATE)
+                    pipe.execute()
+                _emit(
+                    events.RETRY_SCHEDULED,
+                    mail_id,
+                    _attempts(redis, mail_id),
+                    retry_in=job.get_retry_interval() if job is not None else None,
+                    retries_left=retries_left - 1,
+                    error=type(err).__name__,
+                    reason=str(err),
+                )
         elif claim.outcome == "go" and not isinstance(err, MailInFlightError):
             # (A digest in flight elsewhere is that worker's to settle.)
             _give_up(redis, claim, err)

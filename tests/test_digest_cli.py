@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import re
+
+import pytest
 import time_machine
 from flask import Flask
+from redis import Redis
 
 from app import digests
-from tests.digest_helpers import queued_pairs, utc
+from app.progress import Progress
+from tests.digest_helpers import bulk_subscribers, queued_pairs, utc
 
 
 def test_run_at_a_given_time_prints_the_counts(app: Flask) -> None:
@@ -45,3 +51,25 @@ def test_preview_prints_the_next_digest(app: Flask) -> None:
     assert "* Bob <replied>" in text.output
     assert "Bob &lt;replied&gt;" in html.output
     assert missing.exit_code == 1 and "no subscriber nobody@example.com" in missing.output
+
+
+def test_run_shows_progress_per_batch_and_ends_with_a_summary(
+    app: Flask, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A progress line for every batch (not only every 2 s), to see them in a fast test.
+    monkeypatch.setattr("app.cli.Progress", functools.partial(Progress, interval=0.0))
+    emails = [f"s{n}@example.com" for n in range(4500)]  # CLAIM_BATCH is 2000
+    with app.app_context(), time_machine.travel(utc("2026-11-27T09:00"), tick=False):
+        bulk_subscribers(redis_client, emails, ["UTC"], utc("2026-11-27T08:00").timestamp())
+        result = app.test_cli_runner().invoke(args=["digest", "run"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[:3] == [
+        "dispatching due digests: 2000/4500 (44%)",
+        "dispatching due digests: 4000/4500 (88%)",
+        "dispatching due digests: 4500/4500 (100%)",
+    ]
+    assert re.fullmatch(
+        r"due: 4500, enqueued: 4500, skipped: 0 \(45 digest jobs\) in \d+\.\d s", lines[3]
+    )
+    assert len(lines) == 4

@@ -7,11 +7,13 @@ import re
 from typing import Any
 
 import pytest
+import time_machine
 from flask import Flask
 from redis import Redis
 
-from app import events, status
+from app import digests, events, status
 from app.mail import send_email
+from tests.digest_helpers import utc
 from tests.servers import SMTPServer
 
 LINE = re.compile(r'^(\w+=("([^"\\]|\\.)*"|\S+))( \w+=("([^"\\]|\\.)*"|\S+))*$')
@@ -130,3 +132,57 @@ def test_redact_masks_mailboxes_and_bounds_length() -> None:
     )
     long = events.redact("x" * 1000)
     assert len(long) == events.MAX_REASON and long.endswith("…")
+
+
+# --- digest mails: the same events and counters -----------------------------------------
+
+
+def _due_digests(emails: list[str]) -> None:
+    for email in emails:
+        digests.upsert_subscriber(email, "UTC", "daily", 8)
+        digests.add_item(email, f"For {email}")
+    assert digests.dispatch_due().enqueued == len(emails)
+
+
+def test_digests_log_sending_sent_and_failed_and_are_counted(
+    app_ctx: Flask,
+    smtp_server: SMTPServer,
+    work: Any,
+    captured: pytest.LogCaptureFixture,
+    redis_client: Redis,
+) -> None:
+    smtp_server.handler.refuse_rcpt = {"bad@example.com": "550 5.1.1 no such user"}
+    with time_machine.travel(utc("2026-11-27T09:00"), tick=False):
+        _due_digests(["a@example.com", "bad@example.com"])
+        work()
+    lines = [line for line in event_lines(captured) if line.get("kind") == "digest"]
+    assert [(line["event"], line["attempt"]) for line in lines] == [
+        ("sending", "1"),
+        ("sent", "1"),
+        ("sending", "1"),
+        ("failed", "1"),
+    ]
+    assert all(line["template"] == "digest" for line in lines)
+    assert lines[0]["items"] == "1" and lines[0]["job_id"] != lines[0]["mail_id"]
+    assert "***@example.com: 550 5.1.1" in lines[-1]["reason"]
+    everything = "\n".join(r.getMessage() for r in captured.records if r.name == "mailqueue.events")
+    assert "bad@example.com" not in everything and "a@example.com" not in everything
+    assert redis_client.hgetall(status.STATS_KEY) == {b"sent:digest": b"1", b"failed:digest": b"1"}
+
+
+def test_a_digest_retry_is_logged_and_counted(
+    app_ctx: Flask,
+    smtp_server: SMTPServer,
+    work: Any,
+    captured: pytest.LogCaptureFixture,
+    redis_client: Redis,
+) -> None:
+    smtp_server.handler.reply = "451 4.3.0 try again later"
+    with time_machine.travel(utc("2026-11-27T09:00"), tick=False):
+        _due_digests(["a@example.com"])
+        work()
+    [sending, retry] = [line for line in event_lines(captured) if line.get("kind") == "digest"]
+    assert sending["event"] == "sending"
+    assert retry["event"] == "retry_scheduled" and retry["attempt"] == "1"
+    assert retry["mail_id"] == sending["mail_id"] and int(retry["retry_in"]) > 0
+    assert redis_client.hgetall(status.STATS_KEY) == {b"retried:digest": b"1"}

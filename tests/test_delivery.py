@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -191,20 +192,25 @@ def test_an_already_sent_mail_is_not_sent_twice(
 @pytest.mark.parametrize(
     "when",
     [
-        pytest.param({"send_at": datetime.now(UTC) + timedelta(hours=3)}, id="send_at-utc"),
+        # Built when the test runs, not at collection: a long suite would skew send_at.
+        pytest.param(lambda: {"send_at": datetime.now(UTC) + timedelta(hours=3)}, id="send_at-utc"),
         pytest.param(
-            {"send_at": datetime.now(ZoneInfo("America/New_York")) + timedelta(hours=3)},
+            lambda: {"send_at": datetime.now(ZoneInfo("America/New_York")) + timedelta(hours=3)},
             id="send_at-new-york",
         ),
-        pytest.param({"delay": timedelta(hours=3)}, id="delay-timedelta"),
-        pytest.param({"delay": 3 * 3600}, id="delay-seconds"),
+        pytest.param(lambda: {"delay": timedelta(hours=3)}, id="delay-timedelta"),
+        pytest.param(lambda: {"delay": 3 * 3600}, id="delay-seconds"),
     ],
 )
 def test_deferred_mail_waits_in_rq_scheduled_registry_until_due(
-    app_ctx: Flask, smtp_server: SMTPServer, work: Any, redis_client: Redis, when: dict[str, Any]
+    app_ctx: Flask,
+    smtp_server: SMTPServer,
+    work: Any,
+    redis_client: Redis,
+    when: Callable[[], dict[str, Any]],
 ) -> None:
     expected = datetime.now(UTC) + timedelta(hours=3)
-    job = send_email("ann@example.com", "Later", "test", address="Ann", **when)
+    job = send_email("ann@example.com", "Later", "test", address="Ann", **when())
     record = record_of(redis_client, job.id)
     assert record.status == status.SCHEDULED
     assert abs(datetime.fromisoformat(record.send_at) - expected) < timedelta(seconds=5)

@@ -124,18 +124,23 @@ def retry(mail_ids: tuple[str, ...], retry_all: bool) -> None:
     except redis.exceptions.RedisError as err:
         raise click.ClickException(f"Redis unavailable: {err}") from err
     done = skipped = 0
-    for mail_id in targets:
-        try:
-            record = requeue_failed(mail_id)
-        except (UnknownMailError, MailNotFailedError) as err:
-            skipped += 1
-            click.echo(f"skipped {mail_id}: {err}")
-            continue
-        except QueueUnavailableError as err:
-            raise click.ClickException(f"{err} ({done} re-queued before it went away)") from err
-        done += 1
-        click.echo(f"re-queued {record.id} to {','.join(record.to)}")
-    click.echo(f"{done} re-queued, {skipped} skipped")
+    # --all may be thousands: a progress line every few seconds instead of one per mail.
+    with Progress("re-queueing failed mail", len(targets)) as progress:
+        for mail_id in targets:
+            try:
+                record = requeue_failed(mail_id)
+            except (UnknownMailError, MailNotFailedError) as err:
+                skipped += 1
+                click.echo(f"skipped {mail_id}: {err}")
+                continue
+            except QueueUnavailableError as err:
+                raise click.ClickException(f"{err} ({done} re-queued before it went away)") from err
+            finally:
+                progress.advance()
+            done += 1
+            if not retry_all:
+                click.echo(f"re-queued {record.id} to {','.join(record.to)}")
+    progress.summary(f"{done} re-queued, {skipped} skipped")
     if skipped and not retry_all:
         raise SystemExit(1)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import time_machine
 from flask import Flask
 from redis import Redis
@@ -12,6 +15,7 @@ from rq.job import Job
 
 from app import status
 from app.mail import send_email
+from app.progress import Progress
 from app.queues import MAIL_QUEUE, get_queue
 from tests.servers import SMTPServer
 
@@ -62,10 +66,9 @@ def test_retry_requeues_with_the_same_id_and_message_id(
     [mail_id] = failed_mail(app_ctx, smtp_server, work, 1)
     code, output = cli(app_ctx, "retry", mail_id)
     assert code == 0
-    assert output.splitlines() == [
-        f"re-queued {mail_id} to user0@example.com",
-        "1 re-queued, 0 skipped",
-    ]
+    lines = output.splitlines()
+    assert lines[0] == f"re-queued {mail_id} to user0@example.com"
+    assert re.fullmatch(r"1 re-queued, 0 skipped in \d+\.\d s", lines[1]) and len(lines) == 2
     record = status.load(redis_client, mail_id)
     assert record is not None and record.status == status.QUEUED and record.last_error == ""
     assert redis_client.ttl(status.key(mail_id)) == -1  # live again: no retention clock
@@ -86,7 +89,7 @@ def test_retry_all_and_what_it_skips(
 ) -> None:
     ids = failed_mail(app_ctx, smtp_server, work, 3)
     code, output = cli(app_ctx, "retry", "--all")
-    assert code == 0 and output.splitlines()[-1] == "3 re-queued, 0 skipped"
+    assert code == 0 and re.fullmatch(r"3 re-queued, 0 skipped in [0-9.]+ s", output.strip())
     work()
     assert sorted(m.message_id for m in smtp_server.wait_for(3)) == sorted(
         f"<{i}@example.com>" for i in ids
@@ -95,7 +98,7 @@ def test_retry_all_and_what_it_skips(
     assert code == 1
     assert f"skipped {ids[0]}: mail {ids[0]} is sent, not failed" in output
     assert "no mail 00000000000000000000000000000000" in output
-    assert output.splitlines()[-1] == "0 re-queued, 2 skipped"
+    assert output.splitlines()[-1].startswith("0 re-queued, 2 skipped in ")
     assert cli(app_ctx, "retry")[0] == 2  # usage error: an ID or --all
 
 
@@ -121,3 +124,24 @@ def test_purge_removes_only_finished_mail_older_than_the_cutoff(
     assert failed_id not in queue.failed_job_registry
     assert not redis_client.exists(Job.key_for(failed_id))
     assert cli(app_ctx, "purge")[0] == 2  # --older-than is required
+
+
+def test_retry_all_shows_progress_not_a_line_per_mail(
+    app_ctx: Flask,
+    smtp_server: SMTPServer,
+    work: Callable[[], object],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failed_mail(app_ctx, smtp_server, work, 3)
+    # A progress line per mail (not only every 2 s), to see them in a fast test.
+    monkeypatch.setattr("app.cli.Progress", functools.partial(Progress, interval=0.0))
+    code, output = cli(app_ctx, "retry", "--all")
+    assert code == 0
+    lines = output.splitlines()
+    assert lines[:3] == [
+        "re-queueing failed mail: 1/3 (33%)",
+        "re-queueing failed mail: 2/3 (66%)",
+        "re-queueing failed mail: 3/3 (100%)",
+    ]
+    assert re.fullmatch(r"3 re-queued, 0 skipped in \d+\.\d s", lines[3]) and len(lines) == 4
+    assert "@example.com" not in output

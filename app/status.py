@@ -280,23 +280,30 @@ def queue_finish(
         count(pipe, status, metric_template)
 
 
-def settle(redis: Redis, mail_id: str, new_status: str, reason: str, ttl: int) -> bool:
+def settle(
+    redis: Redis, mail_id: str, new_status: str, reason: str, ttl: int
+) -> tuple[str, int] | None:
     """Tell the truth about a mail whose job RQ handled without running our code to the
     end (a killed worker's job, retries exhausted on a Redis error): `retrying` or `failed`
-    with `reason`. A record already `sent` or `failed` is left alone; True if changed."""
+    with `reason`, counted for /metrics in the same step. A record already `sent` or
+    `failed` is left alone: None; else the record's (template, attempts), for its event."""
     changed: Any = redis.eval(
         _SETTLE_IF_LIVE,
-        3,
+        4,
         key(mail_id),
         lease_key(mail_id),
         FAILED_INDEX,
+        STATS_KEY,
         new_status,
         reason,
         now_iso(),
         str(ttl),
         str(datetime.now(UTC).timestamp()),
     )
-    return bool(changed)
+    if not changed:
+        return None
+    template, attempts = changed
+    return template.decode(), int(attempts or 0)
 
 
 def _encode(value: Any) -> str:
@@ -340,16 +347,20 @@ redis.call('HSET', KEYS[1], 'status', 'sending', 'updated_at', ARGV[2])
 return {'go', redis.call('HGETALL', KEYS[1])}
 """
 
-# KEYS: record, lease, failed index. ARGV: status, reason, now, ttl, now as a timestamp.
+# KEYS: record, lease, failed index, stats. ARGV: status, reason, now, ttl, now as a timestamp.
 # Final states are never overwritten: `sent` is the de-duplication mark.
 _SETTLE_IF_LIVE = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current or current == 'sent' or current == 'failed' then return 0 end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'last_error', ARGV[2], 'updated_at', ARGV[3])
+local template = redis.call('HGET', KEYS[1], 'template') or ''
 if ARGV[1] == 'failed' then
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
   redis.call('ZADD', KEYS[3], ARGV[5], redis.call('HGET', KEYS[1], 'id'))
+  redis.call('HINCRBY', KEYS[4], 'failed:' .. template, 1)
+else
+  redis.call('HINCRBY', KEYS[4], 'retried:' .. template, 1)
 end
-return 1
+return {template, redis.call('HGET', KEYS[1], 'attempts') or '0'}
 """

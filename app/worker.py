@@ -41,7 +41,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from app import create_app, status
+from app import create_app, events, status
 from app.config import load_dotenv_file
 from app.errors import ConfigError
 from app.mail import DELIVER_JOB
@@ -311,9 +311,16 @@ class AppWorker(SimpleWorker):
             if state is None or state.decode() in status.FINAL:
                 continue
             reason = "RQ gave up on the job: " + _failure_reason(queue, mail_id)
-            if status.settle(self.connection, mail_id, status.FAILED, reason, ttl):
-                self.log.warning(
-                    "Worker %s: mail %s marked failed (%s)", self.name, mail_id, reason
+            settled = status.settle(self.connection, mail_id, status.FAILED, reason, ttl)
+            if settled:
+                template, attempt = settled
+                events.emit(
+                    events.FAILED,
+                    mail_id=mail_id,
+                    template=template,
+                    attempt=attempt,
+                    error="JobFailed",
+                    reason=reason,
                 )
         self.connection.set(mark_key, max(score for _member, score in entries))
 
@@ -323,13 +330,31 @@ class AppWorker(SimpleWorker):
         if exc_type is AbandonedJobError and job.func_name == DELIVER_JOB:
             retrying = bool(job.retries_left and job.retries_left > 0)
             reason = "the worker delivering this mail was lost (killed or crashed)"
-            status.settle(
+            settled = status.settle(
                 self.connection,
                 job.id,
                 status.RETRYING if retrying else status.FAILED,
                 reason + ("; retrying" if retrying else "; no retries left"),
                 self.app.config["MAIL_STATUS_TTL"],
             )
+            if settled:
+                template, attempt = settled
+                extra: dict[str, Any] = {}
+                if retrying and job.retries_left:
+                    extra = {
+                        "retry_in": job.get_retry_interval(),
+                        "retries_left": job.retries_left - 1,
+                    }
+                events.emit(
+                    events.RETRY_SCHEDULED if retrying else events.FAILED,
+                    mail_id=job.id,
+                    job_id=job.id,
+                    template=template,
+                    attempt=attempt,
+                    error="AbandonedJobError",
+                    reason=reason,
+                    **extra,
+                )
         return True  # let RQ's own handling go on
 
     def unsubscribe(self) -> None:

@@ -231,3 +231,61 @@ def test_maintenance_lock_is_short_and_always_released(
     with pytest.raises(RuntimeError):
         worker.clean_registries()
     assert not redis_client.exists(queue.registry_cleaning_key)
+
+
+# --- what maintenance records is visible: mailqueue.events and /metrics counters -----------
+
+
+def _events(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mailqueue.events"]
+
+
+def test_an_abandoned_delivery_is_logged_and_counted(
+    app_ctx: Flask, smtp_server: SMTPServer, redis_client: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="mailqueue.events")
+    retried = send_email("ann@example.com", "Hello", "test")
+    job, started = die_mid_send(app_ctx)
+    with at(started + timedelta(seconds=DEFAULT_JOB_TIMEOUT + JOB_GRACE_SECONDS + 2)):
+        new_worker().clean_registries()
+    [line] = [e for e in _events(caplog) if "retry_scheduled" in e]
+    assert f"mail_id={retried.id} job_id={job.id} template=test attempt=1" in line
+    assert "error=AbandonedJobError" in line and "retries_left=8" in line
+    assert redis_client.hgetall(status.STATS_KEY) == {b"retried:test": b"1"}
+
+
+def test_an_abandoned_delivery_without_retries_is_logged_failed_and_counted(
+    app_ctx: Flask, smtp_server: SMTPServer, redis_client: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="mailqueue.events")
+    mail = send_email("ann@example.com", "Hello", "test")
+    job, started = die_mid_send(app_ctx)
+    job.retries_left = 0
+    job.save()
+    with at(started + timedelta(seconds=DEFAULT_JOB_TIMEOUT + JOB_GRACE_SECONDS + 2)):
+        new_worker().clean_registries()
+    [line] = [e for e in _events(caplog) if e.startswith("event=failed")]
+    assert f"mail_id={mail.id}" in line and "attempt=1" in line and "lost" in line
+    assert redis_client.hgetall(status.STATS_KEY) == {b"failed:test": b"1"}
+    # Settling again (a second maintenance pass) changes and counts nothing.
+    assert status.settle(redis_client, mail.id, status.FAILED, "again", 60) is None
+    assert redis_client.hgetall(status.STATS_KEY) == {b"failed:test": b"1"}
+
+
+def test_a_reconciled_failure_is_logged_and_counted(
+    app_ctx: Flask, redis_client: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="mailqueue.events")
+    stuck = send_email("ann@example.com", "Hello", "test")
+    queue = get_queue(MAIL_QUEUE)
+    job = Job.fetch(stuck.id, connection=redis_client, serializer=queue.serializer)
+    queue.remove(job)
+    with redis_client.pipeline() as pipe:
+        job.set_status(JobStatus.FAILED, pipeline=pipe)
+        job._handle_failure("Traceback...\nConnectionError: Redis went away", pipe)
+        pipe.execute()
+    new_worker().clean_registries()
+    [line] = [e for e in _events(caplog) if e.startswith("event=failed")]
+    assert f"mail_id={stuck.id}" in line and "attempt=0" in line
+    assert 'reason="RQ gave up on the job: ConnectionError: Redis went away"' in line
+    assert redis_client.hgetall(status.STATS_KEY) == {b"failed:test": b"1"}

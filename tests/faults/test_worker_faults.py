@@ -30,6 +30,10 @@ def test_worker_sigkilled_mid_job_and_after_a_pop(tmp_path: Path, report: Report
         victim.signal_group(signal.SIGKILL)
         killed = time.monotonic()
         victim.process.wait(timeout=10)
+        # The kill can land after the SMTP acceptance was recorded but before the worker
+        # let go of the job id: then nothing was in flight and there is nothing to recover.
+        killed_record = status.load(world.redis, in_flight)
+        finished_before_kill = killed_record is not None and killed_record.status == status.SENT
         # The state a worker killed right after its pop leaves: the job only in the
         # queue's intermediate list (the pop is one LMOVE; no process can stop halfway).
         queue_key, intermediate = f"rq:queue:{MAIL_QUEUE}", f"rq:queue:{MAIL_QUEUE}:intermediate"
@@ -53,8 +57,10 @@ def test_worker_sigkilled_mid_job_and_after_a_pop(tmp_path: Path, report: Report
         records = {i: status.load(world.redis, i) for i in ids}
         assert all(r is not None and r.status == status.SENT for r in records.values())
         victim_record = records[in_flight]
-        assert victim_record is not None and "lost" in victim_record.last_error
-        assert victim_record.attempts >= 2
+        assert victim_record is not None
+        if not finished_before_kill:
+            assert "lost" in victim_record.last_error
+            assert victim_record.attempts >= 2
         report.add(
             Row(
                 "worker SIGKILLed",

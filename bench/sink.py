@@ -1,0 +1,170 @@
+"""A minimal SMTP sink for the benchmark: accepts everything, remembers when.
+
+aiosmtpd saturates near 1,800 mails/s on one connection (DESIGN.md), which
+would make it the bottleneck being measured. This server is a bare asyncio
+Protocol (no StreamReader, no per-command coroutine): it answers the handful
+of commands smtplib sends, finds the Message-ID in the header block of each
+message and records `time.monotonic()` when it accepted it (CLOCK_MONOTONIC is
+system-wide on Linux, so producers in other processes can compare).
+
+It runs in its own process (`python -m bench.sink PORT CONTROL_PORT`) so its CPU
+time is its own. A line protocol on the control port serves the harness:
+
+    STATS  -> {"messages": n, "cpu": seconds, "connections": n}
+    DUMP   -> {"<message-id>": [first accepted, times seen], ...}
+    RESET  -> forget everything received so far
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import sys
+import time
+
+MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]*>)", re.IGNORECASE | re.MULTILINE)
+EHLO_REPLY = b"250-bench-sink\r\n250-8BITMIME\r\n250 SIZE 33554432\r\n"
+MAX_LINE = 65536
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.messages = 0
+        self.connections = 0
+        self.seen: dict[bytes, list[float | int]] = {}
+
+    def accept(self, data: bytes) -> None:
+        now = time.monotonic()
+        self.messages += 1
+        head = data.split(b"\r\n\r\n", 1)[0]
+        match = MESSAGE_ID.search(head)
+        key = match.group(1) if match else b"<none-%d>" % self.messages
+        entry = self.seen.get(key)
+        if entry is None:
+            self.seen[key] = [now, 1]
+        else:
+            entry[1] += 1
+
+
+class SMTPSession(asyncio.Protocol):
+    """One client connection: command lines, or a DATA body until CRLF.CRLF."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self.buffer = b""
+        self.in_data = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.stats.connections += 1
+        transport.write(b"220 bench-sink ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        transport = self.transport
+        assert transport is not None
+        while True:
+            if self.in_data:
+                # "\r\n.\r\n" ends the body; the body starts right after DATA's CRLF.
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    if self.buffer.startswith(b".\r\n"):  # empty body
+                        end, body = 3, b""
+                    else:
+                        return
+                else:
+                    body, end = self.buffer[:end], end + 5
+                self.buffer = self.buffer[end:]
+                self.in_data = False
+                self.stats.accept(body)
+                transport.write(b"250 2.0.0 OK\r\n")
+                continue
+            line_end = self.buffer.find(b"\r\n")
+            if line_end < 0:
+                if len(self.buffer) > MAX_LINE:
+                    transport.write(b"500 line too long\r\n")
+                    transport.close()
+                return
+            line, self.buffer = self.buffer[:line_end], self.buffer[line_end + 2 :]
+            verb = line[:4].upper()
+            if verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+                transport.write(b"250 OK\r\n")
+            elif verb == b"DATA":
+                self.in_data = True
+                transport.write(b"354 go ahead\r\n")
+            elif verb == b"EHLO":
+                transport.write(EHLO_REPLY)
+            elif verb == b"HELO":
+                transport.write(b"250 bench-sink\r\n")
+            elif verb == b"QUIT":
+                transport.write(b"221 bye\r\n")
+                transport.close()
+                return
+            else:
+                transport.write(b"502 not implemented\r\n")
+
+
+class Control(asyncio.Protocol):
+    """STATS / DUMP / RESET, one command per line, one JSON line back."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        assert self.transport is not None
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            command = line.strip().upper()
+            reply: object
+            if command == b"STATS":
+                reply = {
+                    "messages": self.stats.messages,
+                    "cpu": time.process_time(),
+                    "connections": self.stats.connections,
+                }
+            elif command == b"DUMP":
+                reply = {k.decode(): v for k, v in self.stats.seen.items()}
+            elif command == b"RESET":
+                fresh = Stats()
+                self.stats.messages, self.stats.seen = fresh.messages, fresh.seen
+                self.stats.connections = 0
+                reply = {"ok": True}
+            else:
+                reply = {"error": "unknown command"}
+            self.transport.write(json.dumps(reply).encode() + b"\n")
+
+
+async def serve(port: int, control_port: int) -> None:
+    loop = asyncio.get_running_loop()
+    stats = Stats()
+    smtp = await loop.create_server(
+        lambda: SMTPSession(stats), "127.0.0.1", port, backlog=4096, reuse_address=True
+    )
+    control = await loop.create_server(lambda: Control(stats), "127.0.0.1", control_port)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    smtp.close()
+    control.close()
+
+
+def main() -> None:
+    port, control_port = int(sys.argv[1]), int(sys.argv[2])
+    asyncio.run(serve(port, control_port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""MailMessage.as_bytes (the direct serialiser) says what Flask-Mail's own path says."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask_mail import Message
+
+from app.mail import MailMessage
+
+LONG_LINE = "<p>" + "wide " * 400 + "</p>"  # one 2,000-character line, as minified html has
+
+CASES: dict[str, dict[str, Any]] = {
+    "text and html": {"body": "Hello Ann,\n\nBye.\n", "html": "<p>Hello Ann,</p>\n"},
+    "text only": {"body": "Just text.\n.\nA lone dot above.\n"},
+    "non-ASCII everywhere": {
+        "subject": "Grüße aus Köln — ✓",
+        "recipients": ["Zoë Ñandú <zoe@example.com>", "bob@example.com"],
+        "sender": "Ünïcode Sender <noreply@example.com>",
+        "body": "Café crème, naïve résumé.\n",
+        "html": "<p>Café — ✓</p>",
+    },
+    "long lines and long headers": {
+        "subject": "A subject that goes on " * 8,
+        "recipients": [f"user{i}@example.com" for i in range(12)],
+        "body": "x" * 1500 + "\n",
+        "html": LONG_LINE,
+        "extra_headers": {
+            "List-Unsubscribe": "<https://mail.example.com/unsubscribe/" + "t" * 120 + ">",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        },
+    },
+    "CRLF and trailing spaces": {
+        "body": "line one  \r\nline two\rline three\n",
+        "html": "<b>x</b>",
+    },
+}
+
+
+def build(cls: type[Message], spec: dict[str, Any]) -> Message:
+    values = {
+        "subject": "Hello",
+        "recipients": ["ann@example.com"],
+        "sender": "Example App <noreply@example.com>",
+        **spec,
+    }
+    message = cls(**values)
+    message.msgId = "<fixed-id@example.com>"
+    message.date = 1_700_000_000.0
+    return message
+
+
+def parse(raw: bytes) -> EmailMessage:
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_direct_bytes_mean_what_flask_mails_bytes_mean(app_ctx: Flask, case: str) -> None:
+    spec = CASES[case]
+    fast = build(MailMessage, spec).as_bytes()
+    stock = Message.as_bytes(build(MailMessage, spec))  # Flask-Mail's path, our _message
+    ours, theirs = parse(fast), parse(stock)
+
+    assert ours.get_content_type() == theirs.get_content_type()
+    for name in (
+        "Subject",
+        "From",
+        "Message-ID",
+        "Date",
+        "MIME-Version",
+        *spec.get("extra_headers", {}),
+    ):
+        assert str(ours[name]) == str(theirs[name]), name
+    # Flask-Mail de-duplicates recipients through a set, so its order varies.
+    assert sorted(a.addr_spec for a in ours["To"].addresses) == sorted(
+        a.addr_spec for a in theirs["To"].addresses
+    )
+    assert [a.display_name for a in ours["To"].addresses if a.display_name] == [
+        a.display_name for a in theirs["To"].addresses if a.display_name
+    ]
+    ours_parts = [
+        (p.get_content_type(), p.get_content()) for p in ours.walk() if not p.is_multipart()
+    ]
+    theirs_parts = [
+        (p.get_content_type(), p.get_content()) for p in theirs.walk() if not p.is_multipart()
+    ]
+    assert ours_parts == theirs_parts
+
+    # Wire rules: ASCII only, CRLF line ends, no line over 998 characters.
+    assert fast.isascii()
+    assert b"\n" not in fast.replace(b"\r\n", b"")
+    assert max(len(line) for line in fast.split(b"\r\n")) <= 998
+
+
+def test_other_shapes_keep_flask_mails_path(app_ctx: Flask) -> None:
+    message = build(MailMessage, {"body": "x", "cc": ["carol@example.com"]})
+    assert message.as_bytes() == Message.as_bytes(message)

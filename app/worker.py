@@ -44,6 +44,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 from app import create_app, events, status
 from app.config import load_dotenv_file
 from app.errors import ConfigError
+from app.leanworker import LeanJobs
 from app.mail import DELIVER_JOB
 from app.queues import MAIL_QUEUE, get_redis
 
@@ -132,8 +133,9 @@ def _fetch(
     return job
 
 
-class AppWorker(SimpleWorker):
-    """RQ's in-process worker, inside the mailqueue Flask app."""
+class AppWorker(LeanJobs, SimpleWorker):
+    """RQ's in-process worker, inside the mailqueue Flask app, without RQ's per-job
+    overhead that a mail job does not need (app/leanworker.py)."""
 
     queue_class = AppQueue
     log_result_lifespan = False

@@ -1,0 +1,125 @@
+"""AppWorker's lean job handling (app/leanworker.py) leaves RQ's state as RQ would."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from flask import Flask
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+import jobs.mail
+from app import leanworker, status
+from app.mail import send_email
+from app.worker import AppWorker
+from tests.servers import SMTPServer
+
+
+def queue(redis: Redis, name: str = "mail") -> Queue:
+    return Queue(name, connection=redis, serializer=JSONSerializer)
+
+
+def rq_leftovers(redis: Redis) -> list[bytes]:
+    """Keys RQ keeps per job or execution; none may outlive a successful job."""
+    patterns = ("rq:job:*", "rq:execution:*", "rq:executions:*", "rq:results:*")
+    return sorted(key for pattern in patterns for key in redis.scan_iter(pattern))
+
+
+def test_a_batch_delivers_everything_and_leaves_no_rq_state(
+    app_ctx: Flask, smtp_server: SMTPServer, redis_client: Redis, work: Callable[[], AppWorker]
+) -> None:
+    count = leanworker.BATCH_SIZE * 2 + 3  # two full batches and a short one
+    ids = [send_email(f"user{i}@example.com", f"Hello {i}", "test").id for i in range(count)]
+    worker = work()
+
+    received = smtp_server.wait_for(count)
+    assert sorted(r.message_id for r in received) == sorted(f"<{i}@example.com>" for i in ids)
+    for mail_id in ids:
+        assert status.load(redis_client, mail_id).status == status.SENT  # type: ignore[union-attr]
+    q = queue(redis_client)
+    assert q.count == 0
+    assert redis_client.llen(q.intermediate_queue_key) == 0
+    assert q.started_job_registry.count == 0
+    assert q.failed_job_registry.count == 0
+    assert rq_leftovers(redis_client) == []
+    stats = redis_client.hgetall(worker.key)
+    assert int(stats[b"successful_job_count"]) == count
+
+
+def test_a_failure_inside_a_batch_goes_through_rqs_failure_path(
+    app_ctx: Flask, smtp_server: SMTPServer, redis_client: Redis, work: Callable[[], AppWorker]
+) -> None:
+    smtp_server.handler.refuse_rcpt = {"bad@example.com": "550 5.1.1 no such user"}
+    good = [send_email(f"user{i}@example.com", "Hi", "test").id for i in range(3)]
+    bad = send_email("bad@example.com", "Hi", "test").id
+    good += [send_email(f"later{i}@example.com", "Hi", "test").id for i in range(3)]
+    work()
+
+    assert len(smtp_server.wait_for(len(good))) == len(good)
+    for mail_id in good:
+        assert status.load(redis_client, mail_id).status == status.SENT  # type: ignore[union-attr]
+    record = status.load(redis_client, bad)
+    assert record is not None and record.status == status.FAILED
+    q = queue(redis_client)
+    assert q.failed_job_registry.get_job_ids() == [bad]
+    assert q.started_job_registry.count == 0
+    assert redis_client.llen(q.intermediate_queue_key) == 0
+
+
+def test_a_warm_shutdown_mid_batch_puts_the_unstarted_jobs_back_in_order(
+    app_ctx: Flask,
+    smtp_server: SMTPServer,
+    redis_client: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ids = [send_email(f"user{i}@example.com", "Hi", "test").id for i in range(6)]
+    worker = AppWorker(["mail", "digests"])
+    original = jobs.mail.deliver
+    calls: list[str] = []
+
+    def deliver_then_stop(mail_id: str) -> Any:
+        calls.append(mail_id)
+        if len(calls) == 2:
+            worker._stop_requested = True  # what SIGTERM does while a job runs
+        return original(mail_id)
+
+    monkeypatch.setattr(jobs.mail, "deliver", deliver_then_stop)
+    worker.work(burst=True, logging_level="WARNING")
+
+    assert calls == ids[:2]
+    assert len(smtp_server.wait_for(2)) == 2
+    q = queue(redis_client)
+    assert q.get_job_ids() == ids[2:]
+    assert q.started_job_registry.count == 0
+    assert redis_client.llen(q.intermediate_queue_key) == 0
+    for job_id in ids[2:]:
+        assert (
+            Job.fetch(job_id, connection=redis_client, serializer=JSONSerializer).get_status()
+            == "queued"
+        )
+        assert status.load(redis_client, job_id).status == status.QUEUED  # type: ignore[union-attr]
+
+    # The next worker sends them, once each.
+    AppWorker(["mail", "digests"]).work(burst=True, logging_level="WARNING")
+    received = smtp_server.wait_for(6)
+    assert sorted(r.message_id for r in received) == sorted(f"<{i}@example.com>" for i in ids)
+
+
+def test_rq_per_job_info_lines_are_debug(
+    app_ctx: Flask,
+    smtp_server: SMTPServer,
+    work: Callable[[], AppWorker],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    send_email("ann@example.com", "Hi", "test")
+    with caplog.at_level(logging.DEBUG, logger="rq.worker"):
+        AppWorker(["mail", "digests"]).work(burst=True, logging_level="DEBUG")
+    per_job = [r for r in caplog.records if r.msg in leanworker.PER_JOB_MESSAGES]
+    assert per_job, "RQ's per-job lines are still there, at DEBUG"
+    assert {r.levelno for r in per_job} == {logging.DEBUG}
+    assert any(r.levelno == logging.INFO for r in caplog.records if r.name == "rq.worker")

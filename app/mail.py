@@ -48,6 +48,7 @@ from app.queues import MAIL_QUEUE, get_queue, get_redis
 DELIVER_JOB = "jobs.mail.deliver"
 TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}(/[a-z0-9][a-z0-9_-]{0,63}){0,3}$")
 MAX_CONTEXT_DEPTH = 20
+_BARE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
 MAX_SUBJECT_LENGTH = 998  # RFC 5322 line limit
 HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
 RESERVED_HEADERS = frozenset(
@@ -309,6 +310,48 @@ def send_email(
     return enqueue([record])[0]
 
 
+def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Validate and enqueue many mails at once; return their ids, in order.
+
+    Each message is a mapping of send_email's arguments: `to`, `subject`,
+    `template`, and optionally `context` (a mapping), `send_at`, `delay`. Every
+    message is validated first, as send_email does; a refusal raises the same
+    InvalidMailError with its field prefixed by the message's index
+    (`messages[3].to`). Then all are written in one MULTI/EXEC: all or nothing.
+    Much faster per mail than a loop of send_email (one round trip for all).
+    """
+    records = []
+    for index, message in enumerate(messages):
+        try:
+            if not isinstance(message, Mapping):
+                raise InvalidMailError("message", "must be a mapping of send_email's arguments")
+            unknown = set(message) - _MESSAGE_KEYS
+            if unknown:
+                raise InvalidMailError(sorted(unknown)[0], "is not an argument of send_email")
+            for required in ("to", "subject", "template"):
+                if required not in message:
+                    raise InvalidMailError(required, "is required")
+            records.append(
+                prepare(
+                    message["to"],
+                    message["subject"],
+                    message["template"],
+                    message.get("context", {}),
+                    send_at=message.get("send_at"),
+                    delay=message.get("delay"),
+                )
+            )
+        except InvalidMailError as err:
+            reason = str(err).removeprefix(f"{err.field}: ")
+            raise type(err)(f"messages[{index}].{err.field}", reason) from None
+    if records:
+        enqueue(records)
+    return [record.id for record in records]
+
+
+_MESSAGE_KEYS = frozenset({"to", "subject", "template", "context", "send_at", "delay"})
+
+
 def prepare(
     to: str | Iterable[str],
     subject: str,
@@ -361,6 +404,7 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> list[J
     queue = get_queue(MAIL_QUEUE)
     config = current_app.config
     jobs: list[Job] = []
+    ready: list[str] = []  # ids to push on the queue, in order
     try:
         with get_redis().pipeline(transaction=True) as pipe:
             pipe.multi()  # explicit, so RQ's enqueue adds to this transaction as-is
@@ -383,8 +427,17 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> list[J
                     job = queue.create_job(DELIVER_JOB, status=JobStatus.SCHEDULED, **job_kwargs)
                     schedule(queue, job, datetime.fromisoformat(record.send_at), pipe)
                 else:
-                    job = queue.enqueue_call(DELIVER_JOB, pipeline=pipe, **job_kwargs)
+                    job = queue.create_job(DELIVER_JOB, **job_kwargs)
+                    # What Queue.enqueue_job writes for a job without dependencies, minus
+                    # its per-job SADD, status HSET and RPUSH (one RPUSH below): a third
+                    # of a bulk enqueue's time.
+                    queue._prepare_for_queue(job)
+                    pipe.hset(job.key, mapping=job.to_dict())
+                    ready.append(job.id)
                 jobs.append(job)
+            if ready:
+                pipe.sadd(queue.redis_queues_keys, queue.key)
+                pipe.rpush(queue.key, *ready)
             pipe.execute()
     except redis.exceptions.RedisError as err:
         raise QueueUnavailableError(f"Redis unavailable, mail not queued: {err}") from err
@@ -464,9 +517,15 @@ def validate_address(field: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidAddressError(field, f"expected an email address, got {value!r}")
     check_header(field, value)
-    if len(getaddresses([value])) != 1:
-        raise InvalidAddressError(field, f"{value!r}: one address per item, please")
-    name, addr = parseaddr(value)
+    # A bare address (the common case) is one address and needs no RFC 5322 parse:
+    # parseaddr would return it unchanged, and it costs a third of a bulk enqueue's
+    # validation.
+    if _BARE_ADDRESS.fullmatch(value):
+        name, addr = "", value
+    else:
+        if len(getaddresses([value])) != 1:
+            raise InvalidAddressError(field, f"{value!r}: one address per item, please")
+        name, addr = parseaddr(value)
     if not addr or ("<" in value and not value.rstrip().endswith(">")):
         raise InvalidAddressError(field, f"{value!r} is not an email address")
     if not addr.isascii():

@@ -11,6 +11,7 @@ MAIL_MAX_PER_SECOND set, every send first takes a fleet-wide permit (app/ratelim
 from __future__ import annotations
 
 import logging
+import re
 import smtplib
 import socket
 import ssl
@@ -20,7 +21,7 @@ from typing import Any
 
 import redis.exceptions
 from flask import Flask, current_app
-from flask_mail import Connection, Mail, Message, sanitize_address, sanitize_addresses
+from flask_mail import Connection, Mail, Message, sanitize_address
 from rq.timeouts import JobTimeoutException
 
 from app.errors import PermanentDeliveryError, TransientDeliveryError
@@ -95,13 +96,13 @@ class Mailer:
         connection = self._open()
         host = connection.host
         assert host is not None
-        recipients = list(sanitize_addresses(message.send_to))
+        recipients = [_envelope(address) for address in message.send_to]
         if self._rate:
             # Right before the send, after connecting: the permit is spent on a mail,
             # never on a connection attempt that fails.
             self._rate_limiter().acquire()
         refused = host.sendmail(
-            sanitize_address(message.sender),
+            _envelope(message.sender),
             recipients,
             message.as_bytes(),
             message.mail_options,
@@ -142,6 +143,17 @@ class Mailer:
             connection.host.quit()
         except (smtplib.SMTPException, OSError):
             connection.host.close()
+
+
+_BARE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
+
+
+def _envelope(address: str | tuple[str, str]) -> str:
+    """What Flask-Mail's sanitize_address gives smtplib for MAIL FROM / RCPT TO; a bare
+    address is already that (its RFC 5322 parse was ~10% of a worker's CPU)."""
+    if isinstance(address, str) and _BARE_ADDRESS.fullmatch(address):
+        return address
+    return sanitize_address(address)
 
 
 def classify(err: BaseException) -> TransientDeliveryError | PermanentDeliveryError:

@@ -274,6 +274,9 @@ class Bench:
     def row_limit(self) -> Row:
         return self.row_driver("e", "in-process limit: render + send, 1 connection", "limit", 1)
 
+    def row_limit_stock(self) -> Row:
+        return self.row_driver("e0", "limit with Flask-Mail's stock MIME build", "limit-stock", 1)
+
     def row_classic(self) -> Row:
         return self.row_driver("a", "classic recipe: Flask-Mail, thread per mail", "classic", 1)
 
@@ -467,6 +470,8 @@ def run(args: argparse.Namespace) -> tuple[Report, Path]:
     plan: list[tuple[str, Callable[[], Row]]] = []
     if "e" in selected:
         plan.append(("e", bench.row_limit))
+    if "e0" in selected:
+        plan.append(("e0", bench.row_limit_stock))
     if "a" in selected:
         plan.append(("a", bench.row_classic))
     if "b" in selected:
@@ -531,8 +536,9 @@ def render(report: Report) -> str:
     ]
     for r in rows:
         got = f"{r.received}" if r.complete else f"{r.received}/{r.sent}"
+        key = "c" if r.key.startswith("c") else r.key
         lines.append(
-            f"| ({r.key[0]}) {r.label} | {r.procs} | {got} | {_f(r.rate, 0)} | "
+            f"| ({key}) {r.label} | {r.procs} | {got} | {_f(r.rate, 0)} | "
             f"{_f(r.p50_ms, 1)} | {_f(r.p95_ms, 1)} | {_f(r.rss_mb, 0)} | "
             f"{_f(r.rate / base_e, 2)} | {_f(r.rate / base_b, 2)} |"
         )
@@ -585,8 +591,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-n", type=int, default=2000, help="mails per row (default 2000)")
     parser.add_argument(
         "--rows",
-        default="micro,e,a,b,c,d",
-        help="comma-separated rows: micro,e,a,b,c,d (default: all)",
+        default="micro,e,e0,a,b,c,d",
+        help="comma-separated rows: micro,e,e0,a,b,c,d (default: all)",
     )
     parser.add_argument(
         "--workers",

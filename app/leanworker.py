@@ -17,17 +17,17 @@ lines per job. This mixin (AppWorker's base, before SimpleWorker) cuts:
   success path: the same writes RQ makes (counters, execution and started-
   registry entry removed, job hash deleted, worker idle) in one MULTI/EXEC,
   without the reads, and without the job's last heartbeat write just before it;
-- and for those jobs, the per-job round trips themselves: when the worker pops
-  one, it claims up to BATCH_SIZE - 1 more from the same queue in one LMOVE
-  script (into the intermediate list, as every pop), registers all of them as
-  started in one MULTI/EXEC (what prepare_execution and prepare_job_execution
-  write, including the PERSIST that Job.perform would send), runs each through
-  RQ's own perform_job (its timeout, failure and retry handling unchanged) and
-  writes the successes in one MULTI/EXEC at the end. A job of the batch whose
-  turn has not come keeps its started-registry entry fresh (refreshed every
-  REFRESH_SECONDS), so maintenance never takes it for abandoned while this
-  worker lives, and recovers it as usual if the worker dies; a warm shutdown
-  puts the unstarted ones back at the head of their queue.
+- and for those jobs, round trips between jobs: when the worker pops one, it
+  claims up to BATCH_SIZE - 1 more from the same queue in one LMOVE script (into
+  the intermediate list, as every pop) and runs them one after the other, each
+  through RQ's own perform_job (its timeout, failure and retry handling
+  unchanged). A job moves from the intermediate list to the started registry
+  in one MULTI/EXEC that also writes the previous job's success (and sends the
+  PERSIST Job.perform would send alone), so a mail job costs one round trip of
+  RQ bookkeeping besides its own two. Only the running job is ever in the
+  started registry; the claimed ones wait in the intermediate list, where a
+  dead worker's are re-queued by maintenance; a warm shutdown, or a batch that
+  has run BATCH_SECONDS, puts the unstarted ones back at the head of the queue.
 
 Every guarantee stays: jobs still move queue -> intermediate list -> started
 registry atomically, run under the death penalty (job timeout), fail and retry
@@ -41,7 +41,7 @@ import time
 from typing import Any
 
 from rq.executions import Execution
-from rq.job import Job, JobStatus, _job_stack
+from rq.job import Job, _job_stack
 from rq.queue import Queue
 from rq.registry import StartedJobRegistry
 from rq.utils import now
@@ -65,8 +65,9 @@ THROTTLE_SECONDS = 1.0
 # Jobs claimed per pop (1 turns claiming off). Bounded so a batch is short (each
 # mail takes about a millisecond) and a second worker gets its share.
 BATCH_SIZE = 16
-# How often the started-registry entries of a batch's waiting jobs are extended.
-REFRESH_SECONDS = 5.0
+# A batch's claimed jobs wait in the intermediate list, where maintenance takes an id
+# seen on two passes at least 10 s apart for stranded: stop a batch well before that.
+BATCH_SECONDS = 2.0
 
 # KEYS: queue, its intermediate list. ARGV: how many. Pops like AppQueue.dequeue_any.
 _CLAIM = """
@@ -125,8 +126,9 @@ class LeanJobs(BaseWorker):
         self.log = _QuietPerJob(logging.getLogger("rq.worker"))  # type: ignore[assignment]
         if self.job_class is Job:
             self.job_class = LeanJob
-        self._batch: dict[str, Execution] = {}  # claimed job id -> its execution
-        self._batch_pipeline: Any = None  # successes waiting for the end of the batch
+        self._in_batch = False
+        # A lean job that succeeded, whose success is written with the next registration.
+        self._pending: tuple[Job, Execution] | None = None
 
     # -- batches --------------------------------------------------------------------
 
@@ -134,33 +136,28 @@ class LeanJobs(BaseWorker):
         if BATCH_SIZE <= 1 or not _is_lean(job, self.default_result_ttl):
             super().execute_job(job, queue)
             return
+        claimed = time.monotonic()
         jobs = [job, *self._claim(queue, BATCH_SIZE - 1)]
-        self._register([j for j in jobs if _is_lean(j, self.default_result_ttl)], queue)
-        refreshed = time.monotonic()
         done = 0
+        self._in_batch = True
         try:
-            with self.connection.pipeline() as successes:
-                self._batch_pipeline = successes
-                for current in jobs:
-                    if self._stop_requested:
-                        break
-                    if time.monotonic() - refreshed > REFRESH_SECONDS:
-                        self._refresh(jobs[done:], queue)
-                        refreshed = time.monotonic()
-                    done += 1
-                    if current.id in self._batch:
-                        self.execution = self._batch.pop(current.id)
-                        self.perform_job(current, queue)
-                    else:
-                        super().execute_job(current, queue)  # not ours: RQ's own way
-                self._batch_pipeline = None
-                self.set_state(WorkerStatus.IDLE, pipeline=successes)
-                successes.execute()
+            for current in jobs:
+                if self._stop_requested or (done and time.monotonic() - claimed > BATCH_SECONDS):
+                    break
+                done += 1
+                if _is_lean(current, self.default_result_ttl):
+                    self._start(current, queue)
+                    self.perform_job(current, queue)
+                else:
+                    self._flush()
+                    super().execute_job(current, queue)  # not ours: RQ's own way
+            self._flush(idle=True)
         finally:
-            self._batch_pipeline = None
-            if done < len(jobs):  # stop requested, or an error escaped RQ's handling
+            self._in_batch = False
+            if done < len(jobs):
+                # Stop requested, batch time spent, or an error escaped RQ's handling:
+                # the jobs not started go back to the head of their queue.
                 self._release(jobs[done:], queue)
-            self._batch.clear()
 
     def _claim(self, queue: Queue, count: int) -> list[Job]:
         """Up to `count` more jobs of `queue`, moved to its intermediate list."""
@@ -177,56 +174,54 @@ class LeanJobs(BaseWorker):
             self.connection.lrem(queue.intermediate_queue_key, 1, job_id)
         return jobs
 
-    def _register(self, jobs: list[Job], queue: Queue) -> None:
-        """Intermediate list -> started registry for every job, in one MULTI/EXEC:
-        what prepare_execution and prepare_job_execution write for each."""
-        stamp = now()
+    def _start(self, job: Job, queue: Queue) -> None:
+        """Intermediate list -> started registry, in one MULTI/EXEC with the previous
+        job's success: what prepare_execution and prepare_job_execution write (and the
+        PERSIST that Job.perform would send on its own)."""
+        ttl = self.get_heartbeat_ttl(job)
         with self.connection.pipeline() as pipeline:
-            for job in jobs:
-                ttl = self.get_heartbeat_ttl(job)
-                self._batch[job.id] = Execution.create(
-                    job, ttl, pipeline=pipeline, worker_name=self.name
-                )
-                pipeline.lrem(queue.intermediate_queue_key, 1, job.id)
-                job.heartbeat(stamp, ttl, pipeline=pipeline)
-                job.prepare_for_execution(self.name, pipeline=pipeline)
-                pipeline.persist(job.key)
-                if isinstance(job, LeanJob):
-                    job.persisted = True
+            self._write_pending(pipeline)
+            self.execution = Execution.create(job, ttl, pipeline=pipeline, worker_name=self.name)
+            pipeline.lrem(queue.intermediate_queue_key, 1, job.id)
             self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
-            self.set_current_job_id(jobs[0].id, pipeline=pipeline)
-            self.set_current_job_working_time(0, pipeline=pipeline)
-            self.heartbeat(self.get_heartbeat_ttl(jobs[0]), pipeline=pipeline)
+            self.set_current_job_id(job.id, pipeline=pipeline)
+            self.heartbeat(ttl, pipeline=pipeline)
+            job.prepare_for_execution(self.name, pipeline=pipeline)
+            pipeline.persist(job.key)
+            pipeline.execute()
+        if isinstance(job, LeanJob):
+            job.persisted = True
+
+    def _flush(self, idle: bool = False) -> None:
+        """Write the pending success now (and the worker's idle state)."""
+        if self._pending is None and not idle:
+            return
+        with self.connection.pipeline() as pipeline:
+            self._write_pending(pipeline)
+            if idle:
+                self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
             pipeline.execute()
 
-    def _refresh(self, jobs: list[Job], queue: Queue) -> None:
-        """Extend the started-registry entries of the batch's waiting jobs."""
-        with self.connection.pipeline() as pipeline:
-            for job in jobs:
-                execution = self._batch.get(job.id)
-                if execution is not None:
-                    ttl = self.get_heartbeat_ttl(job)
-                    execution.heartbeat(queue.started_job_registry, ttl, pipeline=pipeline)
-            self.heartbeat(pipeline=pipeline)
-            pipeline.execute()
+    def _write_pending(self, pipeline: Any) -> None:
+        if self._pending is not None:
+            job, execution = self._pending
+            self._pending = None
+            current, self.execution = self.execution, execution
+            self._write_success(job, pipeline)
+            self.execution = current
 
     def _release(self, jobs: list[Job], queue: Queue) -> None:
-        """Unstarted jobs of the batch go back to the head of their queue (warm
-        shutdown). If Redis is unreachable they stay registered, for maintenance."""
+        """Claimed jobs never started go back to the head of their queue, in order."""
         with self.connection.pipeline() as pipeline:
+            self._write_pending(pipeline)
             for job in reversed(jobs):
-                execution = self._batch.pop(job.id, None)
-                if execution is None:  # never registered: still in the intermediate list
-                    pipeline.lrem(queue.intermediate_queue_key, 1, job.id)
-                else:
-                    execution.delete(job=job, pipeline=pipeline)
-                job.set_status(JobStatus.QUEUED, pipeline=pipeline)
+                pipeline.lrem(queue.intermediate_queue_key, 1, job.id)
                 pipeline.lpush(queue.key, job.id)
             pipeline.execute()
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
-        if self._batch_pipeline is not None and _is_lean(job, self.default_result_ttl):
-            return  # registered with its batch
+        if self._in_batch and _is_lean(job, self.default_result_ttl):
+            return  # _start wrote it
         super().prepare_job_execution(job, remove_from_intermediate_queue)
 
     # -- fewer round trips per job ----------------------------------------------------
@@ -266,8 +261,9 @@ class LeanJobs(BaseWorker):
             super().handle_job_success(job, queue, started_job_registry)
             return
         assert job.started_at is not None and job.ended_at is not None
-        if self._batch_pipeline is not None:
-            self._write_success(job, self._batch_pipeline)  # sent at the end of the batch
+        if self._in_batch:
+            # Written with the next job's registration (or at the end of the batch).
+            self._pending = (job, self.execution)
             return
         with self.connection.pipeline() as pipeline:
             self._write_success(job, pipeline)

@@ -11,6 +11,7 @@ import pytest
 from flask import Flask
 from flask_mail import Message
 
+from app.errors import HeaderInjectionError
 from app.mail import MailMessage
 
 LONG_LINE = "<p>" + "wide " * 400 + "</p>"  # one 2,000-character line, as minified html has
@@ -102,3 +103,18 @@ def test_direct_bytes_mean_what_flask_mails_bytes_mean(app_ctx: Flask, case: str
 def test_other_shapes_keep_flask_mails_path(app_ctx: Flask) -> None:
     message = build(MailMessage, {"body": "x", "cc": ["carol@example.com"]})
     assert message.as_bytes() == Message.as_bytes(message)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"subject": "Hi\r\nBcc: victim@example.com"},
+        {"extra_headers": {"List-Unsubscribe": "<https://x.example/u>\r\nBcc: v@example.com"}},
+        {"recipients": ["Ann\n <ann@example.com>"]},
+    ],
+)
+def test_a_header_break_that_slipped_past_validation_is_refused_at_send(
+    app_ctx: Flask, spec: dict[str, Any]
+) -> None:
+    with pytest.raises(HeaderInjectionError):
+        build(MailMessage, {"body": "x", "html": "<p>x</p>", **spec}).as_bytes()

@@ -10,6 +10,7 @@ MAIL_MAX_PER_SECOND set, every send first takes a fleet-wide permit (app/ratelim
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import smtplib
@@ -150,9 +151,15 @@ _BARE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
 
 def _envelope(address: str | tuple[str, str]) -> str:
     """What Flask-Mail's sanitize_address gives smtplib for MAIL FROM / RCPT TO; a bare
-    address is already that (its RFC 5322 parse was ~10% of a worker's CPU)."""
+    address is already that (its RFC 5322 parse was ~10% of a worker's CPU), and the
+    sender, the same on every mail, is worked out once."""
     if isinstance(address, str) and _BARE_ADDRESS.fullmatch(address):
         return address
+    return _sanitized(address)
+
+
+@functools.lru_cache(maxsize=256)
+def _sanitized(address: str | tuple[str, str]) -> str:
     return sanitize_address(address)
 
 

@@ -21,6 +21,7 @@ a deadline and every child process is stopped on the way out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -40,7 +41,7 @@ from typing import Any
 
 import psutil
 
-from bench import workload
+from bench import profile, workload
 from bench.procs import Child, SinkClient, run_json, wait_until
 from tests.servers import RedisServer, free_port
 
@@ -73,6 +74,7 @@ class Row:
     redis_ms: float = math.nan
     sink_ms: float = math.nan
     note: str = ""
+    profile: list[tuple[str, float]] = field(default_factory=list)  # --profile: CPU by part
 
     @property
     def complete(self) -> bool:
@@ -185,8 +187,19 @@ class Bench:
 
     def stop(self, child: Child) -> None:
         self.pids.update(p.pid for p in child.tree())
+        if self.args.profile:
+            # py-spy writes its file when the worker it runs exits: stop the worker only.
+            for proc in child.tree()[1:2]:
+                proc.terminate()
+            with contextlib.suppress(Exception):
+                child.process.wait(timeout=30)
         child.stop()
         self.children.remove(child)
+
+    def attach_profile(self, row: Row) -> None:
+        if self.args.profile:
+            paths = sorted(self.run_dir.glob(f"profile-worker-{row.key}-*.txt"))
+            row.profile = profile.summarize(paths)
 
     @property
     def app(self) -> Any:
@@ -311,7 +324,7 @@ class Bench:
 
         n = self.args.n
         row = Row(f"c{processes}", f"mailqueue transactional, {processes} worker(s)", processes, n)
-        workers = self.start_workers(processes)
+        workers = self.start_workers(processes, row.key)
         try:
             with self.app.app_context():
                 self.warm_up(lambda i: _send_email(send_email, i), *workers)
@@ -326,6 +339,7 @@ class Bench:
             for worker in workers:
                 self.stop(worker)
             self.flush()
+        self.attach_profile(row)
         return row
 
     def row_digest(self) -> Row:
@@ -351,7 +365,7 @@ class Bench:
                         email, f"Item {k} for subscriber {i}", f"https://x.example/{k}"
                     )
             setup = time.monotonic() - started
-            workers = self.start_workers(processes)
+            workers = self.start_workers(processes, row.key)
             try:
                 self.warm_up(lambda i: _send_email(send_email, i), *workers)
                 with self.measured(row, workers) as submitted:
@@ -364,6 +378,7 @@ class Bench:
                 for worker in workers:
                     self.stop(worker)
                 self.flush()
+        self.attach_profile(row)
         row.note = (
             f"dispatch {dispatch:.2f} s ({result.enqueued:,} digests in {result.jobs:,} jobs); "
             f"setup {setup:.0f} s, not timed"
@@ -388,11 +403,21 @@ class Bench:
             words[0] = str(Path(sys.executable).with_name("rq"))
         return words, env
 
-    def start_workers(self, count: int) -> list[Child]:
+    def start_workers(self, count: int, row: str) -> list[Child]:
+        """`count` Procfile workers; with --profile each runs under `py-spy record`."""
         from redis import Redis
 
         argv, env = self.worker_argv()
-        workers = [self.spawn(f"worker-{count}-{k}", argv, env) for k in range(count)]
+        workers = []
+        for k in range(count):
+            name = f"worker-{row}-{k}"
+            if self.args.profile:
+                out = self.run_dir / f"profile-{name}.txt"
+                spy = str(Path(sys.executable).with_name("py-spy"))
+                rate = ["--rate", "250", "--format", "raw", "-o", str(out)]
+                workers.append(self.spawn(name, [spy, "record", *rate, "--", *argv], env))
+            else:
+                workers.append(self.spawn(name, argv, env))
         redis = Redis.from_url(self.redis.url)
         if not wait_until(lambda: redis.scard("rq:workers") >= count, timeout=30):
             raise RuntimeError("rq workers did not register in 30 s (see the logs)")
@@ -567,6 +592,9 @@ def render(report: Report) -> str:
             f"| ({r.key}) | {_f(r.cpu_ms, 2)} | {_f(r.producer_ms, 2)} | {_f(r.redis_ms, 2)} | "
             f"{_f(r.sink_ms, 2)} | {drift} | {notes} |"
         )
+    for r in rows:
+        if r.profile:
+            lines += ["", profile.render(f"Profile of ({r.key})", r.profile, r.cpu_ms)]
     m = report.micro
     if not math.isnan(m.send_email_ms):
         lines += [
@@ -612,6 +640,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--micro-calls", type=int, default=2000, help="timed send_email() calls")
     parser.add_argument(
         "--timeout", type=float, default=120.0, help="seconds a row may take at most"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run mailqueue's workers under py-spy and show where their CPU goes "
+        "(sampling adds CPU: read the throughput of such a run with care)",
     )
     parser.add_argument("--stall", type=float, default=20.0, help="give up after this many "
                         "seconds without a new mail at the sink")  # fmt: skip

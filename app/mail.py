@@ -286,8 +286,13 @@ def build_message(record: status.MailRecord, context: Mapping[str, Any] | None =
 
 def message_id(mail_id: str, sender: str) -> str:
     """`<id@sender-domain>`: the same on every attempt, so duplicates are recognisable."""
-    domain = parseaddr(sender)[1].rpartition("@")[2] or "mailqueue.invalid"
-    return f"<{mail_id}@{domain}>"
+    return f"<{mail_id}@{_sender_domain(sender)}>"
+
+
+@functools.lru_cache(maxsize=64)
+def _sender_domain(sender: str) -> str:
+    # Parsed once per sender, not once per mail (the sender is the configured one).
+    return parseaddr(sender)[1].rpartition("@")[2] or "mailqueue.invalid"
 
 
 def send_email(

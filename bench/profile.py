@@ -1,9 +1,9 @@
 """Where a worker's CPU goes: py-spy's collapsed stacks, summed by what each sample was doing.
 
 `python -m bench --profile` runs every mailqueue worker under
-`py-spy record --format raw` (idle threads are not sampled, so samples are
-CPU, except what EXCLUDED says); this module reads those files and charges
-each sample to the first
+`py-spy record --gil --format raw` (only samples of a thread holding the GIL:
+Python running, not waiting on a socket; the kernel's share of a syscall is
+not seen); this module reads those files and charges each sample to the first
 frame, walking from the leaf towards the root, that belongs to a known part
 of the pipeline. A sample in socket.sendall called from smtplib counts as
 SMTP, one in redis-py's connection code as Redis, and so on.
@@ -36,8 +36,8 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("logging", ("(logging/",)),
 )
 OTHER = "other"
-# Not per-mail CPU: start-up happens before the clock starts, and RQ's pub/sub thread
-# waits in a socket poll that py-spy samples as busy (an idle worker uses ~1 ms/s).
+# Not per-mail work: start-up happens before the clock starts, and RQ's pub/sub thread
+# only polls its socket (an idle worker uses ~1 ms of CPU a second).
 EXCLUDED = frozenset({CATEGORIES[0][0], CATEGORIES[1][0]})
 
 
@@ -72,7 +72,11 @@ def summarize(paths: list[Path]) -> list[tuple[str, float]]:
 
 
 def render(title: str, shares: list[tuple[str, float]], cpu_ms: float) -> str:
-    lines = [f"{title} (share of worker CPU samples, and ms per mail at {cpu_ms:.2f} ms):", ""]
+    lines = [
+        f"{title}: share of the workers' Python samples (py-spy --gil), and that share of "
+        f"the {cpu_ms:.2f} ms of worker CPU per mail:",
+        "",
+    ]
     lines += ["| where | share | ms per mail |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {share:.0%} | {share * cpu_ms:.3f} |" for name, share in shares]
     return "\n".join(lines)

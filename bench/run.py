@@ -414,7 +414,9 @@ class Bench:
             if self.args.profile:
                 out = self.run_dir / f"profile-{name}.txt"
                 spy = str(Path(sys.executable).with_name("py-spy"))
-                rate = ["--rate", "250", "--format", "raw", "-o", str(out)]
+                # --gil: only samples holding the GIL, i.e. Python running, not waiting
+                # for a Redis or SMTP reply.
+                rate = ["--gil", "--rate", "250", "--format", "raw", "-o", str(out)]
                 workers.append(self.spawn(name, [spy, "record", *rate, "--", *argv], env))
             else:
                 workers.append(self.spawn(name, argv, env))

@@ -251,11 +251,16 @@ def _header(name: str, value: str) -> str:
 
 @functools.lru_cache(maxsize=1024)
 def _address(value: str) -> str:
-    """An address header item: a bare ASCII address as is, else Flask-Mail's
-    formatting (display name quoted or RFC 2047-encoded). Cached: the sender repeats."""
+    """An address header item: a bare address as is, an ASCII display name quoted as
+    needed, a non-ASCII one RFC 2047-encoded (Flask-Mail's sanitize_address, which
+    would encode ASCII names too). Cached: the sender repeats."""
     check_header("address", value)
-    if value.isascii() and "<" not in value and " " not in value:
-        return value
+    if value.isascii():
+        if "<" not in value and " " not in value:
+            return value
+        name, addr = parseaddr(value)
+        if addr:
+            return formataddr((name, addr))
     return sanitize_address(value)
 
 

@@ -100,6 +100,13 @@ def test_direct_bytes_mean_what_flask_mails_bytes_mean(app_ctx: Flask, case: str
     assert max(len(line) for line in fast.split(b"\r\n")) <= 998
 
 
+def test_ascii_names_stay_readable_on_the_wire(app_ctx: Flask) -> None:
+    raw = build(MailMessage, {"body": "x", "recipients": ['"Carol, C." <carol@example.com>']})
+    head = raw.as_bytes().split(b"\r\n\r\n", 1)[0]
+    assert b"\r\nFrom: Example App <noreply@example.com>\r\n" in head
+    assert b'\r\nTo: "Carol, C." <carol@example.com>\r\n' in head
+
+
 def test_other_shapes_keep_flask_mails_path(app_ctx: Flask) -> None:
     message = build(MailMessage, {"body": "x", "cc": ["carol@example.com"]})
     assert message.as_bytes() == Message.as_bytes(message)

@@ -40,6 +40,7 @@ import logging
 import time
 from typing import Any
 
+import redis.exceptions
 from rq.executions import Execution
 from rq.job import Job, _job_stack
 from rq.queue import Queue
@@ -83,7 +84,7 @@ return ids
 
 class LeanJob(Job):
     """A Job whose PERSIST (Job.perform's first round trip) can be sent ahead, in the
-    MULTI/EXEC that registers a claimed batch."""
+    MULTI/EXEC that registers it as started (LeanJobs._start)."""
 
     persisted = False
 
@@ -157,7 +158,16 @@ class LeanJobs(BaseWorker):
             if done < len(jobs):
                 # Stop requested, batch time spent, or an error escaped RQ's handling:
                 # the jobs not started go back to the head of their queue.
-                self._release(jobs[done:], queue)
+                try:
+                    self._release(jobs[done:], queue)
+                except redis.exceptions.RedisError as err:
+                    # They stay in the intermediate list: maintenance re-queues them.
+                    self.log.warning(
+                        "Worker %s: could not put back %d claimed jobs: %s",
+                        self.name,
+                        len(jobs) - done,
+                        err,
+                    )
 
     def _claim(self, queue: Queue, count: int) -> list[Job]:
         """Up to `count` more jobs of `queue`, moved to its intermediate list."""

@@ -23,6 +23,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Redis client (redis-py, hiredis)", ("(redis/",)),
     ("templates (Jinja)", ("(jinja2/", "(markupsafe/", ".html:", ".txt:")),
     ("MIME build (app/mail.py)", ("_compose (", "_encode (", "_header (", "_address (")),
+    ("CSS inlining (css_inline)", ("inline_css (", "_inliner (")),
     ("email package", ("(email/",)),
     ("mail record (app/status.py)", ("(app/status.py",)),
     ("digests (app/digests.py, jobs/digest.py)", ("(app/digests.py", "(jobs/digest.py")),

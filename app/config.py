@@ -58,6 +58,13 @@ def _optional_float(key: str, raw: str) -> float | None:
     return None if raw.strip() == "" else _float_parser(0.001)(key, raw)
 
 
+def _log_level(key: str, raw: str) -> str:
+    level = raw.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{key}: expected DEBUG, INFO, WARNING or ERROR, got {raw!r}")
+    return level
+
+
 def _str(key: str, raw: str) -> str:
     return raw
 
@@ -128,6 +135,8 @@ SPEC: dict[str, tuple[Callable[[str, str], Any], str, tuple[str, ...]]] = {
     "WORKER_MAINTENANCE_INTERVAL": (_int_parser(5, 600), "60", ()),
     # /dev/mail previews: open in debug mode, behind API_TOKEN otherwise; false = no route at all.
     "MAIL_PREVIEWS": (parse_bool, "true", ()),
+    # Level of mailqueue's own loggers (the mailqueue.events lines among them).
+    "LOG_LEVEL": (_log_level, "INFO", ()),
     # Set by the dev stack (python -m app.devstack) to the folder where its SMTP sink stores
     # every message as an .eml file; empty when mail goes to a real server. Set = /dev/outbox.
     "MAIL_DEV_OUTBOX": (_str, "", ()),

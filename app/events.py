@@ -14,6 +14,8 @@ import logging
 import re
 from typing import Any
 
+from flask import Flask
+
 log = logging.getLogger("mailqueue.events")
 
 QUEUED = "queued"
@@ -70,3 +72,18 @@ def redact(reason: str) -> str:
     """A failure reason fit for a log: addresses masked to their domain, bounded length."""
     masked = _ADDRESS.sub(lambda m: f"***@{m.group(1)}", reason)
     return masked if len(masked) <= MAX_REASON else masked[: MAX_REASON - 1] + "…"
+
+
+def init_app(app: Flask) -> None:
+    """Send mailqueue's log lines to stderr when nothing else configured logging.
+
+    `rq worker` and gunicorn configure only their own loggers, so without this the
+    INFO events of every mail would go nowhere in production.
+    """
+    logger = logging.getLogger("mailqueue")
+    logger.setLevel(app.config["LOG_LEVEL"])
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)

@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "DIGEST_JOB_TIMEOUT": 600,
     "DIGEST_STATUS_TTL": 2 * 24 * 3600,
     "MAIL_PREVIEWS": True,
+    "LOG_LEVEL": "INFO",
 }
 
 

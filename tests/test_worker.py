@@ -58,6 +58,10 @@ def test_procfile_worker_delivers_the_mime_we_expect(
     assert status.load(redis_client, job.id).status == status.SENT  # type: ignore[union-attr]
     # The deferred one is still waiting for its time.
     assert status.load(redis_client, deferred.id).status == status.SCHEDULED  # type: ignore[union-attr]
+    # Nothing configures logging under `rq worker` but RQ's own logger: the mail's state
+    # changes still reach the process's stderr, one logfmt line each.
+    assert f"event=sending mail_id={job.id}" in result.stderr
+    assert f"event=sent mail_id={job.id}" in result.stderr
 
 
 @pytest.mark.parametrize(

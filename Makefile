@@ -1,6 +1,6 @@
 # The README's two commands. Both create .venv with `python3 -m venv` when it is missing.
 #   make run   install with the dev extra, then run the whole service (python -m app.devstack)
-#   make test  install with the test extra, then lint, format check, types and every test
+#   make test  install with the test and bench extras, then lint, format check, types and every test
 
 PYTHON ?= python3
 VENV := .venv
@@ -14,7 +14,7 @@ run: $(BIN)/python
 
 # -m "" selects every test, slow and fault ones included, whatever addopts says.
 test: $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -12,7 +12,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from redis import Redis
 
-from app import create_app
+from app import create_app, queues, smtp
 from app.config import SPEC
 from app.devsink import make_controller
 from app.queues import get_redis
@@ -62,6 +62,27 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _close_every_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every app a test builds (the fixture's, a create_app() in the test, an
+    AppWorker's) has its Redis pool and SMTP connection closed after the test: a
+    socket left to the garbage collector is a ResourceWarning, an error here, raised
+    in whichever later test happens to be running."""
+    built: list[Flask] = []
+    init_app = queues.init_app
+
+    def init_and_track(app: Flask) -> None:
+        init_app(app)
+        built.append(app)
+
+    monkeypatch.setattr(queues, "init_app", init_and_track)
+    yield
+    for app in built:
+        if smtp.EXTENSION in app.extensions:
+            get_mailer(app).close()
+        get_redis(app).close()
+
+
 @pytest.fixture
 def redis_client(redis_server: RedisServer) -> Iterator[Redis]:
     client = Redis.from_url(redis_server.url)
@@ -96,12 +117,8 @@ def env(
 
 
 @pytest.fixture
-def app(env: dict[str, str]) -> Iterator[Flask]:
-    app = create_app({"TESTING": True})
-    yield app
-    # Nothing left open for the garbage collector to warn about in a later test.
-    get_mailer(app).close()
-    get_redis(app).close()
+def app(env: dict[str, str]) -> Flask:
+    return create_app({"TESTING": True})
 
 
 @pytest.fixture
@@ -124,7 +141,6 @@ def run_worker(queues: tuple[str, ...] = ("mail", "digests")) -> AppWorker:
     """Work every queued job in this process, as `rq worker --burst` would."""
     worker = AppWorker(list(queues))
     worker.work(burst=True, logging_level="WARNING")
-    get_redis(worker.app).close()
     return worker
 
 

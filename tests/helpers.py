@@ -15,9 +15,15 @@ def scheduler_pass(redis: Redis, queues: tuple[str, ...] = ("mail", "digests")) 
     """One pass of RQ's scheduler (what `rq worker --with-scheduler` runs every second):
     move every due job of the ScheduledJobRegistry onto its queue."""
     scheduler = RQScheduler(list(queues), connection=redis, serializer=JSONSerializer)
-    scheduler.acquire_locks()
-    scheduler.enqueue_scheduled_jobs()
-    scheduler.release_locks()
+    try:
+        scheduler.acquire_locks()
+        scheduler.enqueue_scheduled_jobs()
+        scheduler.release_locks()
+    finally:
+        # RQScheduler opens a pool of its own (it is built to move to another process)
+        # and never closes it: a socket left to the garbage collector is a
+        # ResourceWarning, an error under filterwarnings, in whatever test runs then.
+        scheduler.connection.connection_pool.disconnect()
 
 
 def redis_dump(redis: Redis) -> bytes:

@@ -48,7 +48,8 @@ from app.queues import MAIL_QUEUE, get_queue, get_redis
 DELIVER_JOB = "jobs.mail.deliver"
 TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}(/[a-z0-9][a-z0-9_-]{0,63}){0,3}$")
 MAX_CONTEXT_DEPTH = 20
-_BARE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
+# A plain `local@domain` address: what it means needs no RFC 5322 parse (app/smtp.py too).
+BARE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
 MAX_SUBJECT_LENGTH = 998  # RFC 5322 line limit
 HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
 RESERVED_HEADERS = frozenset(
@@ -530,7 +531,7 @@ def validate_address(field: str, value: Any) -> str:
     # A bare address (the common case) is one address and needs no RFC 5322 parse:
     # parseaddr would return it unchanged, and it costs a third of a bulk enqueue's
     # validation.
-    if _BARE_ADDRESS.fullmatch(value):
+    if BARE_ADDRESS.fullmatch(value):
         name, addr = "", value
     else:
         if len(getaddresses([value])) != 1:

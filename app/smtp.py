@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import smtplib
 import socket
 import ssl
@@ -26,6 +25,7 @@ from flask_mail import Connection, Mail, Message, sanitize_address
 from rq.timeouts import JobTimeoutException
 
 from app.errors import PermanentDeliveryError, TransientDeliveryError
+from app.mail import BARE_ADDRESS
 from app.ratelimit import RateLimiter
 
 log = logging.getLogger("mailqueue.smtp")
@@ -146,14 +146,11 @@ class Mailer:
             connection.host.close()
 
 
-_BARE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
-
-
 def _envelope(address: str | tuple[str, str]) -> str:
     """What Flask-Mail's sanitize_address gives smtplib for MAIL FROM / RCPT TO; a bare
     address is already that (its RFC 5322 parse was ~10% of a worker's CPU), and the
     sender, the same on every mail, is worked out once."""
-    if isinstance(address, str) and _BARE_ADDRESS.fullmatch(address):
+    if isinstance(address, str) and BARE_ADDRESS.fullmatch(address):
         return address
     return _sanitized(address)
 

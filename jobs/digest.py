@@ -108,7 +108,7 @@ def _deliver(redis: Redis, claim: digests.Claim) -> str:
     outcome, attempted = status.begin_attempt(
         redis,
         record.id,
-        config["MAIL_JOB_TIMEOUT"] + 30,
+        config["MAIL_JOB_TIMEOUT"] + status.LEASE_GRACE_SECONDS,
         create=record,
         create_ttl=config["MAIL_STATUS_TTL"],
     )

@@ -20,7 +20,6 @@ class Child:
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path, log: Path):
         self.name = name
-        self.log_path = log
         self._log: IO[bytes] = log.open("ab")
         self.process = subprocess.Popen(
             argv,
@@ -59,23 +58,19 @@ class Child:
 
     def peak_rss(self) -> dict[int, int]:
         """Peak resident set (VmHWM, bytes) of every live process of the tree."""
-        peaks: dict[int, int] = {}
-        for proc in self.tree():
-            value = status_field(proc.pid, "VmHWM")
-            if value is not None:
-                peaks[proc.pid] = value
-        return peaks
+        return self._tree_field("VmHWM")
 
     def rss(self) -> dict[int, int]:
-        current: dict[int, int] = {}
-        for proc in self.tree():
-            value = status_field(proc.pid, "VmRSS")
-            if value is not None:
-                current[proc.pid] = value
-        return current
+        """Current resident set (VmRSS, bytes) of every live process of the tree."""
+        return self._tree_field("VmRSS")
 
-    def alive(self) -> bool:
-        return self.process.poll() is None
+    def _tree_field(self, name: str) -> dict[int, int]:
+        values: dict[int, int] = {}
+        for proc in self.tree():
+            value = status_field(proc.pid, name)
+            if value is not None:
+                values[proc.pid] = value
+        return values
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the group (a warm shutdown for rq/celery), then SIGKILL what is left."""

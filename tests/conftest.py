@@ -137,10 +137,13 @@ def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_TOKEN}"}
 
 
-def run_worker(queues: tuple[str, ...] = ("mail", "digests")) -> AppWorker:
-    """Work every queued job in this process, as `rq worker --burst` would."""
+def run_worker(
+    queues: tuple[str, ...] = ("mail", "digests"), *, with_scheduler: bool = False
+) -> AppWorker:
+    """Work every queued job in this process, as `rq worker --burst` would (with RQ's
+    scheduler pass first if asked: due scheduled jobs and retries are queued too)."""
     worker = AppWorker(list(queues))
-    worker.work(burst=True, logging_level="WARNING")
+    worker.work(burst=True, logging_level="WARNING", with_scheduler=with_scheduler)
     return worker
 
 

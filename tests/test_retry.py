@@ -26,15 +26,8 @@ from app.errors import PermanentDeliveryError, TransientDeliveryError
 from app.mail import retry_policy, send_email
 from app.queues import MAIL_QUEUE, get_queue
 from app.smtp import classify
-from app.worker import AppWorker
+from tests.conftest import run_worker as work  # with_scheduler=True: RQ's scheduler pass
 from tests.servers import SMTPServer
-
-
-def work(with_scheduler: bool = False) -> AppWorker:
-    """Drain the queues once, in this process (with RQ's scheduler pass if asked)."""
-    worker = AppWorker(["mail", "digests"])
-    worker.work(burst=True, logging_level="WARNING", with_scheduler=with_scheduler)
-    return worker
 
 
 @contextmanager

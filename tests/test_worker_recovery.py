@@ -26,6 +26,7 @@ from app.worker import (
     REDIS_SOCKET_TIMEOUT,
     AppWorker,
 )
+from tests.conftest import run_worker
 from tests.servers import SMTPServer
 
 DEFAULT_JOB_TIMEOUT = 90
@@ -41,10 +42,6 @@ def at(moment: datetime) -> Iterator[None]:
 
 def new_worker() -> AppWorker:
     return AppWorker(["mail", "digests"])
-
-
-def drain(with_scheduler: bool = True) -> None:
-    new_worker().work(burst=True, logging_level="WARNING", with_scheduler=with_scheduler)
 
 
 def die_mid_send(app: Flask) -> tuple[Job, datetime]:
@@ -108,7 +105,7 @@ def test_recovery_bound_for_a_worker_killed_mid_send_with_default_settings(
     # Redis expires the lease on its own clock; the clock moved only in this process.
     redis_client.delete(status.lease_key(mail.id))
     with at(retry_at + timedelta(seconds=1)):
-        drain()
+        run_worker(with_scheduler=True)
     [received] = smtp_server.wait_for(1)
     assert received.message_id == f"<{mail.id}@example.com>"
     assert status.load(redis_client, mail.id).status == status.SENT  # type: ignore[union-attr]
@@ -164,7 +161,7 @@ def test_a_job_popped_by_a_dead_worker_is_put_back_unchanged(
     assert not redis_client.exists(queue.intermediate_queue.get_first_seen_key(mail.id))
     stored = Job.fetch(mail.id, connection=redis_client, serializer=queue.serializer)
     assert stored.retries_left == len(app_ctx.config["MAIL_RETRY_INTERVALS"])  # none spent
-    drain(with_scheduler=False)
+    run_worker()
     assert [m.message_id for m in smtp_server.wait_for(1)] == [f"<{mail.id}@example.com>"]
 
 

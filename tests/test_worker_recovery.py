@@ -62,6 +62,18 @@ def die_mid_send(app: Flask) -> tuple[Job, datetime]:
     return job, started
 
 
+def abandon(app: Flask, *, retries_left: int | None = None) -> Job:
+    """A worker dies mid-send (with `retries_left` set on its job, if given), and a
+    maintenance pass runs just after its started-registry entry expired."""
+    job, started = die_mid_send(app)
+    if retries_left is not None:
+        job.retries_left = retries_left
+        job.save()
+    with at(started + timedelta(seconds=DEFAULT_JOB_TIMEOUT + JOB_GRACE_SECONDS + 2)):
+        new_worker().clean_registries()
+    return job
+
+
 def test_worker_settings_keep_maintenance_on_schedule(app: Flask) -> None:
     worker = new_worker()
     assert worker.maintenance_interval == DEFAULT_MAINTENANCE
@@ -129,11 +141,7 @@ def test_abandoned_job_without_retries_left_is_recorded_failed(
     app_ctx: Flask, smtp_server: SMTPServer, redis_client: Redis
 ) -> None:
     mail = send_email("ann@example.com", "Hello", "test")
-    job, started = die_mid_send(app_ctx)
-    job.retries_left = 0
-    job.save()
-    with at(started + timedelta(seconds=DEFAULT_JOB_TIMEOUT + JOB_GRACE_SECONDS + 2)):
-        new_worker().clean_registries()
+    job = abandon(app_ctx, retries_left=0)
     record = status.load(redis_client, mail.id)
     assert record is not None and record.status == status.FAILED
     assert "no retries left" in record.last_error
@@ -242,9 +250,7 @@ def test_an_abandoned_delivery_is_logged_and_counted(
 ) -> None:
     caplog.set_level("INFO", logger="mailqueue.events")
     retried = send_email("ann@example.com", "Hello", "test")
-    job, started = die_mid_send(app_ctx)
-    with at(started + timedelta(seconds=DEFAULT_JOB_TIMEOUT + JOB_GRACE_SECONDS + 2)):
-        new_worker().clean_registries()
+    job = abandon(app_ctx)
     [line] = [e for e in _events(caplog) if "retry_scheduled" in e]
     assert f"mail_id={retried.id} job_id={job.id} template=test attempt=1" in line
     assert "error=AbandonedJobError" in line and "retries_left=8" in line
@@ -256,11 +262,7 @@ def test_an_abandoned_delivery_without_retries_is_logged_failed_and_counted(
 ) -> None:
     caplog.set_level("INFO", logger="mailqueue.events")
     mail = send_email("ann@example.com", "Hello", "test")
-    job, started = die_mid_send(app_ctx)
-    job.retries_left = 0
-    job.save()
-    with at(started + timedelta(seconds=DEFAULT_JOB_TIMEOUT + JOB_GRACE_SECONDS + 2)):
-        new_worker().clean_registries()
+    abandon(app_ctx, retries_left=0)
     [line] = [e for e in _events(caplog) if e.startswith("event=failed")]
     assert f"mail_id={mail.id}" in line and "attempt=1" in line and "lost" in line
     assert redis_client.hgetall(status.STATS_KEY) == {b"failed:test": b"1"}

@@ -136,12 +136,21 @@ def parse_datetime(name: str, value: str) -> datetime:
         ) from None
 
 
+MAIL_FIELDS = {"to", "subject", "template", "context", "send_at", "delay"}
+SUBSCRIBER_FIELDS = {"timezone", "frequency", "hour", "weekday"}
+ITEM_FIELDS = {"title", "url", "body", "kind"}
+
+
+def refuse_unknown(data: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]}", unknown[0])
+
+
 @bp.post("/mail")
 def post_mail() -> tuple[Response, int]:
     data = json_body()
-    unknown = set(data) - {"to", "subject", "template", "context", "send_at", "delay"}
-    if unknown:
-        raise ApiError(400, f"unknown field {sorted(unknown)[0]}", sorted(unknown)[0])
+    refuse_unknown(data, MAIL_FIELDS)
     to = field(data, "to", (str, list))
     subject = field(data, "subject", str)
     template = field(data, "template", str)
@@ -160,16 +169,6 @@ def get_mail(mail_id: str) -> Response:
     if record is None:
         raise ApiError(404, f"no mail {mail_id[:64]}")
     return jsonify(record.public())
-
-
-SUBSCRIBER_FIELDS = {"timezone", "frequency", "hour", "weekday"}
-ITEM_FIELDS = {"title", "url", "body", "kind"}
-
-
-def refuse_unknown(data: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]}", unknown[0])
 
 
 @bp.put("/subscribers/<email>")

@@ -568,17 +568,18 @@ def dispatch_due(
         with redis.pipeline(transaction=True) as pipe:
             pipe.multi()
             if pairs:
+                parts = [pairs[start : start + chunk] for start in range(0, len(pairs), chunk)]
                 job_datas = [
                     Queue.prepare_data(
                         DIGEST_JOB,
-                        args=(pairs[start : start + chunk],),
+                        args=(part,),
                         timeout=config["DIGEST_JOB_TIMEOUT"],
                         result_ttl=0,
                         failure_ttl=config["MAIL_STATUS_TTL"],
                         retry=retry_policy(config["MAIL_RETRY_INTERVALS"]),
-                        description=f"digests x{len(pairs[start : start + chunk])}",
+                        description=f"digests x{len(part)}",
                     )
-                    for start in range(0, len(pairs), chunk)
+                    for part in parts
                 ]
                 queue.enqueue_many(job_datas, pipeline=pipe)
                 result.jobs += len(job_datas)

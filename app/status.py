@@ -139,9 +139,7 @@ class MailRecord:
 
 def create(pipe: Pipeline, record: MailRecord) -> None:
     """Queue the write of a new record on `pipe` (the caller's enqueue transaction)."""
-    stamp = now_iso()
-    record.created_at = record.created_at or stamp
-    record.updated_at = stamp
+    _stamp_new(record)
     mapping: Any = record.to_redis()
     pipe.hset(key(record.id), mapping=mapping)
 
@@ -215,9 +213,7 @@ def begin_attempt(
     """
     args: list[str] = [str(lease_seconds), now_iso(), str(create_ttl or 0)]
     if create is not None:
-        stamp = now_iso()
-        create.created_at = create.created_at or stamp
-        create.updated_at = stamp
+        _stamp_new(create)
         args.extend(_flatten(create.to_redis()))
     reply: Any = redis.eval(_BEGIN_ATTEMPT, 2, key(mail_id), lease_key(mail_id), *args)
     outcome, raw = reply
@@ -304,6 +300,13 @@ def settle(
         return None
     template, attempts = changed
     return template.decode(), int(attempts or 0)
+
+
+def _stamp_new(record: MailRecord) -> None:
+    """A record about to be written for the first time: created (unless set) and updated now."""
+    stamp = now_iso()
+    record.created_at = record.created_at or stamp
+    record.updated_at = stamp
 
 
 def _encode(value: Any) -> str:

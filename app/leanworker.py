@@ -48,9 +48,11 @@ from rq.registry import StartedJobRegistry
 from rq.utils import now
 from rq.worker import BaseWorker, WorkerStatus
 
+from app.mail import DELIVER_JOB
+
 # Job functions whose success needs no RQ reads: they never have dependents,
 # callbacks, repeats or groups, and keep no result (result_ttl=0).
-LEAN_JOBS = frozenset({"jobs.mail.deliver"})
+LEAN_JOBS = frozenset({DELIVER_JOB})
 
 # RQ's per-job INFO messages (rq/worker/base.py), demoted to DEBUG.
 PER_JOB_MESSAGES = frozenset(

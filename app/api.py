@@ -21,7 +21,7 @@ from werkzeug.exceptions import BadRequest, HTTPException
 from app import digests, status
 from app.errors import InvalidMailError, QueueUnavailableError, SubscriberNotFoundError
 from app.mail import enqueue, prepare
-from app.queues import QUEUE_NAMES, get_queue, get_redis
+from app.queues import QUEUE_NAMES, SIZE_NAMES, get_queue, get_redis, queue_sizes
 
 log = logging.getLogger("mailqueue.api")
 
@@ -230,22 +230,19 @@ def healthz() -> tuple[Response, int]:
     """Redis reachable, queue depths, workers: 200 when Redis answers, else 503."""
     try:
         redis_client = get_redis()
-        redis_client.ping()
-        queues = {}
-        for name in QUEUE_NAMES:
-            queue = get_queue(name)
-            # cleanup=False: RQ's `.count` runs registry cleanup, which would let the
-            # web process handle abandoned jobs without the worker's record keeping.
-            queues[name] = {
-                "queued": queue.count,
-                "scheduled": queue.scheduled_job_registry.get_job_count(cleanup=False),
-                "started": queue.started_job_registry.get_job_count(cleanup=False),
-                "failed": queue.failed_job_registry.get_job_count(cleanup=False),
-            }
+        queues = [get_queue(name) for name in QUEUE_NAMES]
+        with redis_client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                queue_sizes(pipe, queue)
+            sizes: list[Any] = pipe.execute()
+        counts = {
+            queue.name: dict(zip(SIZE_NAMES, sizes[4 * i : 4 * i + 4], strict=True))
+            for i, queue in enumerate(queues)
+        }
         workers = Worker.count(connection=redis_client)
     except redis.exceptions.RedisError as err:
         return jsonify({"status": "unavailable", "redis": f"unreachable: {err}"}), 503
-    return jsonify({"status": "ok", "redis": "ok", "queues": queues, "workers": workers}), 200
+    return jsonify({"status": "ok", "redis": "ok", "queues": counts, "workers": workers}), 200
 
 
 def _api_error(err: ApiError) -> Response:

@@ -19,7 +19,7 @@ from rq.job import Job
 
 from app import status
 from app.api import require_token
-from app.queues import QUEUE_NAMES, get_queue, get_redis
+from app.queues import QUEUE_NAMES, get_queue, get_redis, queue_sizes
 
 bp = Blueprint("metrics", __name__)
 bp.before_request(require_token)
@@ -53,10 +53,7 @@ def render() -> str:
     with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(status.STATS_KEY)
         for queue in queues:
-            pipe.llen(queue.key)
-            pipe.zcard(queue.scheduled_job_registry.key)
-            pipe.zcard(queue.started_job_registry.key)
-            pipe.zcard(queue.failed_job_registry.key)
+            queue_sizes(pipe, queue)
             pipe.lindex(queue.key, 0)  # RQ appends: the head is the oldest waiting job
         replies: list[Any] = pipe.execute()
     stats: dict[bytes, bytes] = replies[0]

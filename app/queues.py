@@ -64,6 +64,20 @@ def get_queue(name: str = MAIL_QUEUE, app: Flask | None = None) -> Queue:
     return queue
 
 
+# What queue_sizes() reads for a queue, in this order.
+SIZE_NAMES = ("queued", "scheduled", "started", "failed")
+
+
+def queue_sizes(pipe: Any, queue: Queue) -> None:
+    """Queue on `pipe` the four SIZE_NAMES counts of `queue`: plain LLEN/ZCARD, never
+    RQ's `.count`/`get_job_count()`, whose registry cleanup would let a web process
+    settle abandoned jobs without the worker's record keeping."""
+    pipe.llen(queue.key)
+    pipe.zcard(queue.scheduled_job_registry.key)
+    pipe.zcard(queue.started_job_registry.key)
+    pipe.zcard(queue.failed_job_registry.key)
+
+
 class JSONJob(Job):
     """A Job that always reads and writes its data as JSON.
 

@@ -21,7 +21,9 @@ def test_worker_sigkilled_mid_job_and_after_a_pop(tmp_path: Path, report: Report
         world.smtp.handler.hang_seconds = 0.2  # keep a job in flight most of the time
         survivor = world.start_worker()  # holds the scheduler lock
         victim = world.start_worker()
-        ids = world.send(30)
+        # Each worker claims up to leanworker.BATCH_SIZE (16) jobs per pop: enough mails
+        # that the queue still holds some for the test's own pop below.
+        ids = world.send(60)
         assert wait_until(
             lambda: len(world.smtp.messages) >= 4 and world.current_job(victim) is not None,
             timeout=30,
@@ -64,7 +66,7 @@ def test_worker_sigkilled_mid_job_and_after_a_pop(tmp_path: Path, report: Report
         report.add(
             Row(
                 "worker SIGKILLed",
-                "30 mails, 2 workers (+1 started after)",
+                "60 mails, 2 workers (+1 started after)",
                 "SIGKILL of a worker and its scheduler while a job was STARTED; "
                 "a popped-never-started job left in the intermediate list",
                 lost,

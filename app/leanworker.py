@@ -23,8 +23,9 @@ lines per job. This mixin (AppWorker's base, before SimpleWorker) cuts:
   through RQ's own perform_job (its timeout, failure and retry handling
   unchanged). A job moves from the intermediate list to the started registry
   in one MULTI/EXEC that also writes the previous job's success (and sends the
-  PERSIST Job.perform would send alone), so a mail job costs one round trip of
-  RQ bookkeeping besides its own two. Only the running job is ever in the
+  PERSIST Job.perform would send alone) and the job's own first step (a
+  delivery's attempt claim, FIRST_STEPS), so a mail job costs two round trips in
+  all: that one and the record's `sent`. Only the running job is ever in the
   started registry; the claimed ones wait in the intermediate list, where a
   dead worker's are re-queued by maintenance; a warm shutdown, or a batch that
   has run BATCH_SECONDS, puts the unstarted ones back at the head of the queue.
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis.exceptions
@@ -49,10 +51,15 @@ from rq.utils import now
 from rq.worker import BaseWorker, WorkerStatus
 
 from app.mail import DELIVER_JOB
+from jobs.mail import queue_claim
 
 # Job functions whose success needs no RQ reads: they never have dependents,
 # callbacks, repeats or groups, and keep no result (result_ttl=0).
 LEAN_JOBS = frozenset({DELIVER_JOB})
+
+# A lean job's first Redis step, queued on the MULTI/EXEC that starts it; the reply is
+# left on the job as `claimed_attempt` for the job function to use.
+FIRST_STEPS: dict[str, Callable[[Any, Job], None]] = {DELIVER_JOB: queue_claim}
 
 # RQ's per-job INFO messages (rq/worker/base.py), demoted to DEBUG.
 PER_JOB_MESSAGES = frozenset(
@@ -89,6 +96,7 @@ class LeanJob(Job):
     MULTI/EXEC that registers it as started (LeanJobs._start)."""
 
     persisted = False
+    claimed_attempt: Any = None  # the reply of its FIRST_STEPS step, until the job reads it
 
     def perform(self) -> Any:
         if not self.persisted:
@@ -200,9 +208,14 @@ class LeanJobs(BaseWorker):
             self.heartbeat(ttl, pipeline=pipeline)
             job.prepare_for_execution(self.name, pipeline=pipeline)
             pipeline.persist(job.key)
-            pipeline.execute()
+            first_step = FIRST_STEPS.get(job.func_name or "") if isinstance(job, LeanJob) else None
+            if first_step is not None:
+                first_step(pipeline, job)
+            replies = pipeline.execute()
         if isinstance(job, LeanJob):
             job.persisted = True
+            if first_step is not None:
+                job.claimed_attempt = replies[-1]
 
     def _flush(self, idle: bool = False) -> None:
         """Write the pending success now (and the worker's idle state)."""

@@ -211,16 +211,32 @@ def begin_attempt(
     (expiring after `create_ttl` seconds until it is finished), so a job that
     builds its record itself (a digest) needs no extra round trip.
     """
-    args: list[str] = [str(lease_seconds), now_iso(), str(create_ttl or 0)]
-    if create is not None:
-        _stamp_new(create)
-        args.extend(_flatten(create.to_redis()))
-    reply: Any = redis.eval(_BEGIN_ATTEMPT, 2, key(mail_id), lease_key(mail_id), *args)
+    args = _begin_attempt_args(mail_id, lease_seconds, create, create_ttl)
+    return attempt_from_reply(redis.eval(_BEGIN_ATTEMPT, 2, *args))
+
+
+def queue_begin_attempt(pipe: Pipeline, mail_id: str, lease_seconds: int) -> None:
+    """`begin_attempt` on the caller's pipeline (the worker's MULTI/EXEC that starts
+    the job); read its reply with `attempt_from_reply`."""
+    pipe.eval(_BEGIN_ATTEMPT, 2, *_begin_attempt_args(mail_id, lease_seconds, None, None))
+
+
+def attempt_from_reply(reply: Any) -> tuple[str, MailRecord | None]:
     outcome, raw = reply
     if not raw:
         return outcome.decode(), None
     record = MailRecord.from_redis(dict(zip(raw[::2], raw[1::2], strict=True)))
     return outcome.decode(), record
+
+
+def _begin_attempt_args(
+    mail_id: str, lease_seconds: int, create: MailRecord | None, create_ttl: int | None
+) -> list[str]:
+    args = [key(mail_id), lease_key(mail_id), str(lease_seconds), now_iso(), str(create_ttl or 0)]
+    if create is not None:
+        _stamp_new(create)
+        args.extend(_flatten(create.to_redis()))
+    return args
 
 
 def lease_key(mail_id: str) -> str:
@@ -244,11 +260,10 @@ def finish(
 ) -> None:
     """Move a record to a final state, release its lease and start its retention clock.
 
-    With `metric_template`, the outcome is counted for /metrics in the same round trip.
+    With `metric_template`, the outcome is counted for /metrics in the same step.
+    One script, so one command (a MULTI/EXEC of five was ~7% of a worker's CPU).
     """
-    with redis.pipeline() as pipe:
-        queue_finish(pipe, mail_id, status, ttl, metric_template=metric_template, **fields)
-        pipe.execute()
+    redis.eval(_FINISH, 4, *_finish_args(mail_id, status, ttl, metric_template, fields))
 
 
 def queue_finish(
@@ -261,19 +276,30 @@ def queue_finish(
     **fields: Any,
 ) -> None:
     """`finish` on the caller's pipeline, so it can share a MULTI/EXEC with other writes."""
+    pipe.eval(_FINISH, 4, *_finish_args(mail_id, status, ttl, metric_template, fields))
+
+
+def _finish_args(
+    mail_id: str, status: str, ttl: int, metric_template: str, fields: dict[str, Any]
+) -> list[str]:
     stamp = now_iso()
     mapping = {name: _encode(value) for name, value in fields.items()}
     mapping.update(status=status, updated_at=stamp)
     if status == SENT:
         mapping["sent_at"] = stamp
-    pipe.eval(_UPDATE_IF_EXISTS, 2, key(mail_id), lease_key(mail_id), *_flatten(mapping))
-    pipe.expire(key(mail_id), ttl)
-    if status == FAILED:
-        pipe.zadd(FAILED_INDEX, {mail_id: datetime.now(UTC).timestamp()})
-    else:
-        pipe.zrem(FAILED_INDEX, mail_id)
-    if metric_template:
-        count(pipe, status, metric_template)
+    failed_at = str(datetime.now(UTC).timestamp()) if status == FAILED else ""
+    counter = f"{status}:{metric_template}" if metric_template else ""
+    return [
+        key(mail_id),
+        lease_key(mail_id),
+        FAILED_INDEX,
+        STATS_KEY,
+        mail_id,
+        str(ttl),
+        failed_at,
+        counter,
+        *_flatten(mapping),
+    ]
 
 
 def settle(
@@ -348,6 +374,24 @@ end
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'sending', 'updated_at', ARGV[2])
 return {'go', redis.call('HGETALL', KEYS[1])}
+"""
+
+# KEYS: record, lease, failed index, stats. ARGV: mail id, retention TTL, failed-at timestamp
+# ('' unless failed: then in the failed index, else out of it), stats counter to increment
+# ('' for none), then the field/value pairs. Never re-creates a purged record.
+_FINISH = """
+redis.call('DEL', KEYS[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+end
+if ARGV[3] ~= '' then
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+else
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
+if ARGV[4] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[4], 1) end
+return 1
 """
 
 # KEYS: record, lease, failed index, stats. ARGV: status, reason, now, ttl, now as a timestamp.

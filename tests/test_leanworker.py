@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from redis import Redis
+from redis.connection import AbstractConnection as RedisConnection
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -49,6 +50,33 @@ def test_a_batch_delivers_everything_and_leaves_no_rq_state(
     assert rq_leftovers(redis_client) == []
     stats = redis_client.hgetall(worker.key)
     assert int(stats[b"successful_job_count"]) == count
+
+
+def test_a_batched_mail_costs_two_redis_round_trips(
+    app_ctx: Flask,
+    smtp_server: SMTPServer,
+    redis_client: Redis,
+    work: Callable[[], AppWorker],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The start MULTI/EXEC (with the previous success and the attempt claim) and `sent`."""
+    count = leanworker.BATCH_SIZE * 8
+    for i in range(count):
+        send_email(f"user{i}@example.com", "Hi", "test")
+    sends: list[int] = []
+    real_send = RedisConnection.send_packed_command
+
+    def counting(self: RedisConnection, *args: Any, **kwargs: Any) -> None:
+        sends.append(1)
+        real_send(self, *args, **kwargs)
+
+    monkeypatch.setattr(RedisConnection, "send_packed_command", counting)
+    work()
+    monkeypatch.undo()
+    assert len(smtp_server.wait_for(count)) == count
+    # Besides 2 a mail: per batch a pop, a claim and the end (24); the worker's start,
+    # maintenance pass and stop (~60). A third round trip per mail would add 128.
+    assert 2 * count <= len(sends) <= 2 * count + 100
 
 
 def test_a_failure_inside_a_batch_goes_through_rqs_failure_path(

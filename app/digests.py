@@ -727,9 +727,12 @@ def digest_mail_id(email: str, period: str, gen: str) -> str:
     return hashlib.sha256(f"digest\n{email}\n{period}\n{gen}".encode()).hexdigest()[:32]
 
 
-def digest_record(subscriber: Subscriber, period: str, count: int) -> status.MailRecord:
+def digest_record(
+    subscriber: Subscriber, period: str, count: int, unsubscribe: str | None = None
+) -> status.MailRecord:
     """The mail record of one digest. Its context is a summary: the job renders from
-    the claimed items, which are kept until the mail is accepted."""
+    the claimed items, which are kept until the mail is accepted. `unsubscribe`: the
+    subscriber's unsubscribe_url, when the caller has it already."""
     frequency = subscriber.schedule.frequency
     return status.MailRecord(
         id=digest_mail_id(subscriber.email, period, subscriber.gen),
@@ -738,7 +741,7 @@ def digest_record(subscriber: Subscriber, period: str, count: int) -> status.Mai
         template=DIGEST_TEMPLATE,
         context={"period": period, "frequency": frequency, "items": count},
         kind="digest",
-        headers=digest_headers(subscriber.email),
+        headers=digest_headers(subscriber.email, unsubscribe),
     )
 
 
@@ -746,20 +749,23 @@ def digest_subject(frequency: str, count: int) -> str:
     return f"Your {frequency} digest: {count} new item{'' if count == 1 else 's'}"
 
 
-def digest_headers(email: str) -> dict[str, str]:
+def digest_headers(email: str, unsubscribe: str | None = None) -> dict[str, str]:
     """RFC 8058 one-click unsubscribe and RFC 3834 auto-generated marking."""
     return {
-        "List-Unsubscribe": f"<{unsubscribe_url(email)}>",
+        "List-Unsubscribe": f"<{unsubscribe or unsubscribe_url(email)}>",
         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
         "Auto-Submitted": "auto-generated",
     }
 
 
 def digest_context(
-    subscriber: Subscriber, period: str, items: list[dict[str, Any]]
+    subscriber: Subscriber,
+    period: str,
+    items: list[dict[str, Any]],
+    unsubscribe: str | None = None,
 ) -> dict[str, Any]:
     """What email/digest.{txt,html} render: items grouped by kind, newest first; the group
-    with the newest item first."""
+    with the newest item first. `unsubscribe` as for digest_record."""
     zone = subscriber.schedule.zone
     entries = []
     for index, item in enumerate(items):
@@ -799,7 +805,7 @@ def digest_context(
             for kind, group in groups.items()
         ],
         "subject": digest_subject(frequency, count),
-        "unsubscribe_url": unsubscribe_url(subscriber.email),
+        "unsubscribe_url": unsubscribe or unsubscribe_url(subscriber.email),
     }
 
 

@@ -125,3 +125,20 @@ def test_a_header_break_that_slipped_past_validation_is_refused_at_send(
 ) -> None:
     with pytest.raises(HeaderInjectionError):
         build(MailMessage, {"body": "x", "html": "<p>x</p>", **spec}).as_bytes()
+
+
+def test_building_messages_resolves_the_host_name_once(
+    app_ctx: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flask-Mail's Message() would call socket.getfqdn() (reverse DNS) for every mail."""
+    import socket
+
+    import app.mail
+
+    lookups: list[str] = []
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": lookups.append(name) or "host.test")
+    app.mail._host_fqdn.cache_clear()
+    messages = [MailMessage(subject="Hi", recipients=["ann@example.com"]) for _ in range(3)]
+    app.mail._host_fqdn.cache_clear()  # forget the fake name
+    assert len(lookups) == 1
+    assert all(m.msgId.endswith("@host.test>") for m in messages)

@@ -3,13 +3,15 @@
 Flask-Mail opens a connection per `send` and has no timeout (flask-mail #114,
 #38). A worker keeps one Flask-Mail `Connection` open, built with a socket
 timeout, reconnects once when the server has dropped it, and drops it after
-MAIL_IDLE_TIMEOUT idle seconds. SMTP failures are sorted here into transient
-(retry) and permanent (fail now), keeping the server's reply. With
+MAIL_IDLE_TIMEOUT idle seconds. A server that offers PIPELINING gets each mail in
+two round trips instead of 3 + one per recipient. SMTP failures are sorted here
+into transient (retry) and permanent (fail now), keeping the server's reply. With
 MAIL_MAX_PER_SECOND set, every send first takes a fleet-wide permit (app/ratelimit.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import smtplib
@@ -17,6 +19,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.exceptions
@@ -98,17 +101,18 @@ class Mailer:
         host = connection.host
         assert host is not None
         recipients = [_envelope(address) for address in message.send_to]
+        # Connected, but maybe not greeted yet (no STARTTLS or login): EHLO says what it offers.
+        host.ehlo_or_helo_if_needed()
         if self._rate:
             # Right before the send, after connecting: the permit is spent on a mail,
             # never on a connection attempt that fails.
             self._rate_limiter().acquire()
-        refused = host.sendmail(
-            _envelope(message.sender),
-            recipients,
-            message.as_bytes(),
-            message.mail_options,
-            message.rcpt_options,
-        )
+        sender, msg = _envelope(message.sender), message.as_bytes()
+        options = message.mail_options, message.rcpt_options
+        if host.has_extn("pipelining"):
+            refused = _sendmail_pipelined(host, sender, recipients, msg, *options)
+        else:
+            refused = host.sendmail(sender, recipients, msg, *options)
         self._last_used = time.monotonic()
         return {addr: _reply(code, text) for addr, (code, text) in refused.items()}
 
@@ -144,6 +148,76 @@ class Mailer:
             connection.host.quit()
         except (smtplib.SMTPException, OSError):
             connection.host.close()
+
+
+_quote_periods: Callable[[bytes], bytes] = smtplib._quote_periods  # type: ignore[attr-defined]
+
+
+def _sendmail_pipelined(
+    host: smtplib.SMTP,
+    sender: str,
+    recipients: list[str],
+    msg: bytes,
+    mail_options: Sequence[str] = (),
+    rcpt_options: Sequence[str] = (),
+) -> dict[str, tuple[int, bytes]]:
+    """`host.sendmail`, but with MAIL, every RCPT and DATA in one write (RFC 2920).
+
+    Each command is otherwise a round trip of its own, ~80 us of CPU at both ends
+    here. Same commands, replies, return value and exceptions as sendmail; the
+    replies are read in order, and a failed transaction is RSET (or closed after
+    a 421, or when the server would take a body we no longer send).
+    """
+    if any(option.lower() == "smtputf8" for option in mail_options):
+        return host.sendmail(sender, recipients, msg, mail_options, rcpt_options)
+    options = [f"size={len(msg)}"] if host.has_extn("size") else []
+    mail_tail = "".join(" " + option for option in [*options, *mail_options])
+    rcpt_tail = "".join(" " + option for option in rcpt_options)
+    commands = [f"MAIL FROM:{_quoted(sender)}{mail_tail}"]
+    commands += [f"RCPT TO:{_quoted(recipient)}{rcpt_tail}" for recipient in recipients]
+    commands.append("DATA")
+    if any("\r" in command or "\n" in command for command in commands):
+        raise ValueError(f"newline in an SMTP command: {commands!r}")
+    host.send("".join(command + "\r\n" for command in commands))
+    replies: list[tuple[int, bytes]] = []
+    for _ in commands:
+        replies.append(host.getreply())
+        if replies[-1][0] == 421:  # the server closes the connection: no more replies
+            host.close()
+            break
+    code, text = replies[0]
+    refused = {
+        address: reply
+        for address, reply in zip(recipients, replies[1:], strict=False)
+        if reply[0] not in (250, 251)
+    }
+    error: smtplib.SMTPException
+    body_sent = False
+    if code != 250:
+        error = smtplib.SMTPSenderRefused(code, text, sender)
+    elif len(refused) == len(recipients) or len(replies) < len(commands):
+        error = smtplib.SMTPRecipientsRefused(refused)
+    else:
+        code, text = replies[-1]
+        if code == 354:
+            body = _quote_periods(msg)
+            host.send(body + (b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n"))
+            body_sent = True
+            code, text = host.getreply()
+            if code == 250:
+                return refused
+        error = smtplib.SMTPDataError(code, text)
+    if code == 421 or (replies[-1][0] == 354 and not body_sent):
+        host.close()  # closing is the only way to abort a DATA the server has accepted
+    elif host.sock is not None:
+        with contextlib.suppress(smtplib.SMTPServerDisconnected):
+            host.rset()
+    raise error
+
+
+def _quoted(address: str) -> str:
+    """smtplib's quoteaddr, without its parseaddr for the bare addresses we validated."""
+    return f"<{address}>" if BARE_ADDRESS.fullmatch(address) else smtplib.quoteaddr(address)
 
 
 def _envelope(address: str | tuple[str, str]) -> str:

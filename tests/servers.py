@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword
 
 
 def free_port() -> int:
@@ -118,7 +118,12 @@ class Received:
 
 
 class RecordingHandler:
-    """Records every accepted message; `reply` makes it answer DATA with a code instead."""
+    """Records every accepted message; `reply` makes it answer DATA with a code instead.
+
+    It offers PIPELINING, as the big providers and Postfix do (aiosmtpd reads commands
+    in order from a stream, so pipelined ones are answered correctly); `pipelining =
+    False` for a server without it.
+    """
 
     def __init__(self) -> None:
         self.messages: list[Received] = []
@@ -128,6 +133,28 @@ class RecordingHandler:
         self.replies: list[str] = []  # one-shot replies to the next DATA commands, in order
         self.refuse_rcpt: dict[str, str] = {}  # address -> reply for RCPT TO
         self.hang_seconds = 0.0
+        self.pipelining = True
+        self.refuse_mail: str | None = None  # reply to MAIL FROM instead of 250
+        self.data_command_reply: str | None = None  # reply to the DATA command instead of 354
+        self.connections: list[SMTP] = []  # one per EHLO
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Any, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname  # what aiosmtpd does when there is no hook
+        self.connections.append(server)
+        if self.pipelining:
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return responses
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        if self.refuse_mail:
+            return self.refuse_mail
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -177,12 +204,38 @@ class RecordingHandler:
         self.replies = []
         self.refuse_rcpt = {}
         self.hang_seconds = 0.0
+        self.pipelining = True
+        self.refuse_mail = None
+        self.data_command_reply = None
+        self.connections = []
+
+    def drop_connections(self) -> None:
+        """Close every client connection from the server's side, as an idle timeout does."""
+        for server in self.connections:
+            if server.transport is not None:
+                server.loop.call_soon_threadsafe(server.transport.close)
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
         """Block until at least `count` messages arrived (or timeout); return them all."""
         with self.cond:
             self.cond.wait_for(lambda: len(self.messages) >= count, timeout=timeout)
             return list(self.messages)
+
+
+class _SMTP(SMTP):
+    """aiosmtpd's server, with RecordingHandler.data_command_reply (no hook runs before 354)."""
+
+    async def smtp_DATA(self, arg: str) -> None:
+        reply = self.event_handler.data_command_reply
+        if reply and self.envelope is not None and self.envelope.rcpt_tos:
+            await self.push(reply)
+            return
+        await super().smtp_DATA(arg)
+
+
+class _Controller(Controller):
+    def factory(self) -> SMTP:
+        return _SMTP(self.handler, **self.SMTP_kwargs)
 
 
 class SMTPServer:
@@ -199,7 +252,7 @@ class SMTPServer:
             kwargs.update(tls_context=tls_context, require_starttls=True)
         if users:
             kwargs.update(authenticator=self._authenticate, auth_require_tls=True)
-        self.controller = Controller(
+        self.controller = _Controller(
             self.handler, hostname="127.0.0.1", port=self.port, ready_timeout=10, **kwargs
         )
 

@@ -22,10 +22,12 @@ lines per job. This mixin (AppWorker's base, before SimpleWorker) cuts:
   the intermediate list, as every pop) and runs them one after the other, each
   through RQ's own perform_job (its timeout, failure and retry handling
   unchanged). A job moves from the intermediate list to the started registry
-  in one MULTI/EXEC that also writes the previous job's success (and sends the
-  PERSIST Job.perform would send alone) and the job's own first step (a
-  delivery's attempt claim, FIRST_STEPS), so a mail job costs two round trips in
-  all: that one and the record's `sent`. Only the running job is ever in the
+  in one atomic step that also writes the previous job's success (and sends
+  the PERSIST Job.perform would send alone): RQ's own writes, sent as one
+  script rather than a MULTI/EXEC of twenty commands (run_as_script). The
+  job's own first step (a delivery's attempt claim, FIRST_STEPS) follows in
+  the same round trip, so a mail job costs two round trips in all: that one
+  and the record's `sent`. Only the running job is ever in the
   started registry; the claimed ones wait in the intermediate list, where a
   dead worker's are re-queued by maintenance; a warm shutdown, or a batch that
   has run BATCH_SECONDS, puts the unstarted ones back at the head of the queue.
@@ -43,6 +45,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.exceptions
+from redis.client import Pipeline
 from rq.executions import Execution
 from rq.job import Job, _job_stack
 from rq.queue import Queue
@@ -195,20 +198,24 @@ class LeanJobs(BaseWorker):
         return jobs
 
     def _start(self, job: Job, queue: Queue) -> None:
-        """Intermediate list -> started registry, in one MULTI/EXEC with the previous
-        job's success: what prepare_execution and prepare_job_execution write (and the
-        PERSIST that Job.perform would send on its own)."""
+        """Intermediate list -> started registry, atomically with the previous job's
+        success: what prepare_execution and prepare_job_execution write (and the
+        PERSIST that Job.perform would send on its own); the job's FIRST_STEPS step
+        follows in the same round trip."""
         ttl = self.get_heartbeat_ttl(job)
-        with self.connection.pipeline() as pipeline:
-            self._write_pending(pipeline)
-            self.execution = Execution.create(job, ttl, pipeline=pipeline, worker_name=self.name)
-            pipeline.lrem(queue.intermediate_queue_key, 1, job.id)
-            self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
-            self.set_current_job_id(job.id, pipeline=pipeline)
-            self.heartbeat(ttl, pipeline=pipeline)
-            job.prepare_for_execution(self.name, pipeline=pipeline)
-            pipeline.persist(job.key)
-            first_step = FIRST_STEPS.get(job.func_name or "") if isinstance(job, LeanJob) else None
+        first_step = FIRST_STEPS.get(job.func_name or "") if isinstance(job, LeanJob) else None
+        with self.connection.pipeline() as writes, self.connection.pipeline(False) as pipeline:
+            # RQ's own methods queue their writes on `writes`, which is never executed:
+            # its commands are sent as one script (see _RUN_WRITES).
+            self._write_pending(writes)
+            self.execution = Execution.create(job, ttl, pipeline=writes, worker_name=self.name)
+            writes.lrem(queue.intermediate_queue_key, 1, job.id)
+            self.set_state(WorkerStatus.BUSY, pipeline=writes)
+            self.set_current_job_id(job.id, pipeline=writes)
+            self.heartbeat(ttl, pipeline=writes)
+            job.prepare_for_execution(self.name, pipeline=writes)
+            writes.persist(job.key)
+            run_as_script(pipeline, writes)
             if first_step is not None:
                 first_step(pipeline, job)
             replies = pipeline.execute()
@@ -306,6 +313,35 @@ class LeanJobs(BaseWorker):
         pipeline.delete(
             job.execution_registry.key, job.key, job.dependents_key, job.dependencies_key
         )
+
+
+def run_as_script(pipeline: Any, writes: Pipeline) -> None:
+    """Queue the commands collected on `writes` on `pipeline` as one _RUN_WRITES script.
+
+    Atomic like the MULTI/EXEC they would make, but one command for redis-py to pack and
+    one reply to parse instead of twenty: redis-py's per-command work (argument
+    encoding, reply callbacks) was most of a worker's Redis time.
+    """
+    flat: list[Any] = []
+    for args, _options in writes.command_stack:
+        flat.append(len(args))
+        flat.extend(args)
+    pipeline.eval(_RUN_WRITES, 0, *flat)
+
+
+# ARGV: for each command, its length n, then its n words. Like EXEC, every command runs
+# even if one fails, and the first failure is the reply (redis-py raises it).
+_RUN_WRITES = """
+local i, failed = 1, nil
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local reply = redis.pcall(unpack(ARGV, i + 1, i + n))
+  if type(reply) == 'table' and reply.err and not failed then failed = reply end
+  i = i + n + 1
+end
+if failed then return failed end
+return 1
+"""
 
 
 def _is_lean(job: Job, default_result_ttl: int) -> bool:

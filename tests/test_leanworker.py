@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis.exceptions
 from flask import Flask
 from redis import Redis
 from redis.connection import AbstractConnection as RedisConnection
@@ -151,3 +152,21 @@ def test_rq_per_job_info_lines_are_debug(
     assert per_job, "RQ's per-job lines are still there, at DEBUG"
     assert {r.levelno for r in per_job} == {logging.DEBUG}
     assert any(r.levelno == logging.INFO for r in caplog.records if r.name == "rq.worker")
+
+
+def test_writes_sent_as_one_script_run_all_and_raise_the_first_failure(
+    redis_client: Redis,
+) -> None:
+    """run_as_script keeps what MULTI/EXEC did: every command runs, an error surfaces."""
+    redis_client.set("a-string", "x")
+    with redis_client.pipeline() as writes, redis_client.pipeline(False) as pipe:
+        writes.hset("h", mapping={"f": "1", "g": 2})
+        writes.hset("a-string", "f", "v")  # WRONGTYPE
+        writes.zadd("z", {"m": 1.5})
+        writes.expire("h", 60)
+        leanworker.run_as_script(pipe, writes)
+        with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+            pipe.execute()
+    assert redis_client.hgetall("h") == {b"f": b"1", b"g": b"2"}
+    assert redis_client.zscore("z", "m") == 1.5
+    assert 0 < redis_client.ttl("h") <= 60

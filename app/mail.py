@@ -355,19 +355,20 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
     (`messages[3].to`). Then all are written in one MULTI/EXEC: all or nothing.
     Much faster per mail than a loop of send_email (one round trip for all).
     """
+    checks = _Checks()
     records = []
     for index, message in enumerate(messages):
         try:
             if not isinstance(message, Mapping):
                 raise InvalidMailError("message", "must be a mapping of send_email's arguments")
-            unknown = set(message) - _MESSAGE_KEYS
-            if unknown:
+            if not _MESSAGE_KEYS.issuperset(message):
+                unknown = set(message) - _MESSAGE_KEYS
                 raise InvalidMailError(sorted(unknown)[0], "is not an argument of send_email")
             for required in ("to", "subject", "template"):
                 if required not in message:
                     raise InvalidMailError(required, "is required")
             records.append(
-                prepare(
+                checks.prepare(
                     message["to"],
                     message["subject"],
                     message["template"],
@@ -400,34 +401,71 @@ def prepare(
     mail_id: str | None = None,
 ) -> status.MailRecord:
     """Validate everything about one mail and return its (unsaved) record."""
-    config = current_app.config
-    # The configured sender and prefix were checked at start-up; config can be changed
-    # afterwards, and a header break there would reach every mail.
-    check_header("MAIL_DEFAULT_SENDER", config["MAIL_DEFAULT_SENDER"])
-    check_header("MAIL_SUBJECT_PREFIX", config["MAIL_SUBJECT_PREFIX"])
-    recipients = validate_recipients(to, config["MAIL_MAX_RECIPIENTS"])
-    if not isinstance(subject, str) or not subject.strip():
-        raise InvalidMailError("subject", "must be a non-empty string")
-    check_header("subject", subject)
-    if len(subject) > MAX_SUBJECT_LENGTH:
-        raise InvalidMailError("subject", f"longer than {MAX_SUBJECT_LENGTH} characters")
-    check_template(template)
-    context = validate_context(context, config["MAIL_MAX_CONTEXT_BYTES"])
-    for name, value in (headers or {}).items():
-        check_header_name(name)
-        check_header(f"header {name}", value)
-    when = resolve_send_at(send_at, delay)
-    return status.MailRecord(
-        id=mail_id or status.new_id(),
-        to=recipients,
-        subject=subject,
-        template=template,
-        context=context,
-        status=status.SCHEDULED if when else status.QUEUED,
+    return _Checks().prepare(
+        to,
+        subject,
+        template,
+        context,
+        send_at=send_at,
+        delay=delay,
+        headers=headers,
         kind=kind,
-        headers=dict(headers or {}),
-        send_at=when.isoformat() if when else "",
+        mail_id=mail_id,
     )
+
+
+class _Checks:
+    """Validation of the mails of one call: the settings it needs are read, and the
+    configured sender and prefix checked, once; each template is looked up once."""
+
+    def __init__(self) -> None:
+        config = current_app.config
+        # The configured sender and prefix were checked at start-up; config can be changed
+        # afterwards, and a header break there would reach every mail.
+        check_header("MAIL_DEFAULT_SENDER", config["MAIL_DEFAULT_SENDER"])
+        check_header("MAIL_SUBJECT_PREFIX", config["MAIL_SUBJECT_PREFIX"])
+        self.max_recipients: int = config["MAIL_MAX_RECIPIENTS"]
+        self.max_context_bytes: int = config["MAIL_MAX_CONTEXT_BYTES"]
+        self.templates: set[str] = set()  # found already
+
+    def prepare(
+        self,
+        to: str | Iterable[str],
+        subject: str,
+        template: str,
+        context: Mapping[str, Any],
+        *,
+        send_at: datetime | None = None,
+        delay: timedelta | float | None = None,
+        headers: Mapping[str, str] | None = None,
+        kind: str = "mail",
+        mail_id: str | None = None,
+    ) -> status.MailRecord:
+        recipients = validate_recipients(to, self.max_recipients)
+        if not isinstance(subject, str) or not subject.strip():
+            raise InvalidMailError("subject", "must be a non-empty string")
+        check_header("subject", subject)
+        if len(subject) > MAX_SUBJECT_LENGTH:
+            raise InvalidMailError("subject", f"longer than {MAX_SUBJECT_LENGTH} characters")
+        if template not in self.templates:
+            check_template(template)
+            self.templates.add(template)
+        context = validate_context(context, self.max_context_bytes)
+        for name, value in (headers or {}).items():
+            check_header_name(name)
+            check_header(f"header {name}", value)
+        when = resolve_send_at(send_at, delay)
+        return status.MailRecord(
+            id=mail_id or status.new_id(),
+            to=recipients,
+            subject=subject,
+            template=template,
+            context=context,
+            status=status.SCHEDULED if when else status.QUEUED,
+            kind=kind,
+            headers=dict(headers or {}),
+            send_at=when.isoformat() if when else "",
+        )
 
 
 def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> list[Job]:
@@ -656,13 +694,18 @@ def validate_context(context: Mapping[str, Any], max_bytes: int) -> dict[str, An
         raise InvalidContextError("context", "must be an object")
     _check_depth(context)
     try:
-        encoded = json.dumps(context, allow_nan=False, separators=(",", ":"))
+        encoded = _strict_json(context)
     except (TypeError, ValueError) as err:
         raise InvalidContextError("context", f"not JSON-serialisable: {err}") from None
     if len(encoded.encode()) > max_bytes:
         raise InvalidContextError("context", f"larger than {max_bytes} bytes as JSON")
     decoded: dict[str, Any] = json.loads(encoded)
     return decoded
+
+
+# json.dumps(context, allow_nan=False, separators=(",", ":")), without building an
+# encoder each call.
+_strict_json = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
 def _check_depth(value: Any) -> None:

@@ -144,6 +144,14 @@ def create(pipe: Pipeline, record: MailRecord) -> None:
     pipe.hset(key(record.id), mapping=mapping)
 
 
+def new_record_fields(record: MailRecord, stamp: str) -> dict[str, str]:
+    """The hash `create` writes, stamped `stamp`: for app.mail's bulk enqueue, which
+    writes many new records in one script and stamps them alike. Keep the two in step."""
+    record.created_at = record.created_at or stamp
+    record.updated_at = stamp
+    return record.to_redis()
+
+
 def reopen(pipe: Pipeline, record: MailRecord) -> None:
     """Queue the rewrite of a failed record as new on `pipe` (an operator's re-queue):
     no expiry, out of the failed index, no stale lease."""

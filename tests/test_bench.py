@@ -37,6 +37,8 @@ def test_bench_runs_every_row_with_tiny_n_and_cleans_up() -> None:
         assert rows[key]["received"] == 20, rows[key]
         assert rows[key]["duplicates"] == 0
     assert report["micro"]["send_email_ms"] > 0
+    assert report["micro"]["rq_many_per_s"] > 0  # the in-run baseline of send_many
+    assert "RQ's enqueue_many of the same 200 jobs" in done.stdout
     assert report["pids"], "the report lists the processes the run started"
     assert not [pid for pid in report["pids"] if _running(pid)], "a bench process outlived the run"
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from flask import Flask, current_app, has_app_context
 from redis import Redis
+from rq.serializers import JSONSerializer
 
 from app import status
 from app.mail import send_email
@@ -103,3 +104,18 @@ def test_jobs_run_inside_an_app_context_that_is_popped_afterwards(
     worker.work(burst=True, logging_level="WARNING")
     assert seen == [worker.app, worker.app]  # the app built once, at start-up
     assert not has_app_context()
+
+
+def test_rq_resolves_each_serializer_once_with_the_same_answer() -> None:
+    """app.queues remembers RQ's serializer check (a slow Protocol isinstance)."""
+    import rq.job
+    import rq.serializers
+
+    import app.queues  # noqa: F401  (installs it)
+
+    original = rq.serializers.resolve_serializer
+    assert rq.job.resolve_serializer is not original
+    for serializer in (None, "json", JSONSerializer, rq.serializers.DefaultSerializer):
+        assert rq.job.resolve_serializer(serializer) is original(serializer)
+    with pytest.raises(NotImplementedError):
+        rq.job.resolve_serializer(object())

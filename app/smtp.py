@@ -217,7 +217,13 @@ def _sendmail_pipelined(
 
 def _quoted(address: str) -> str:
     """smtplib's quoteaddr, without its parseaddr for the bare addresses we validated."""
-    return f"<{address}>" if BARE_ADDRESS.fullmatch(address) else smtplib.quoteaddr(address)
+    return f"<{address}>" if BARE_ADDRESS.fullmatch(address) else _quoteaddr(address)
+
+
+@functools.lru_cache(maxsize=256)
+def _quoteaddr(address: str) -> str:
+    # Mostly the configured sender, the same on every mail.
+    return smtplib.quoteaddr(address)
 
 
 def _envelope(address: str | tuple[str, str]) -> str:

@@ -741,7 +741,9 @@ def validate_address(field: str, value: Any) -> str:
             result = validate_email(addr, check_deliverability=False, allow_smtputf8=False)
         except EmailNotValidError as err:
             raise InvalidAddressError(field, f"{addr!r}: {err}") from None
-        normalized = result.normalized
+        # `normalized` gives an IDNA domain in Unicode (xn--bcher-kva.example ->
+        # bücher.example), which smtplib cannot send without SMTPUTF8: keep it ASCII.
+        normalized = result.ascii_email or result.normalized
     return formataddr((name, normalized)) if name else normalized
 
 

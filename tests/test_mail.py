@@ -3,6 +3,7 @@ nothing written to Redis; and the template helper."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -24,6 +25,7 @@ from app.errors import (
     TemplateNotFoundError,
 )
 from app.mail import render_email, send_email
+from tests.servers import SMTPServer
 
 
 def nested(depth: int) -> Any:
@@ -158,3 +160,17 @@ def test_render_email_renders_both_parts_with_the_layout(app_ctx: Flask) -> None
     assert '<div class="container" style="' in rendered.html  # the shared layout, CSS inlined
     assert "Sent by https://mail.example.com" in rendered.text
     assert "https://mail.example.com/healthz" in rendered.html
+
+
+def test_a_punycode_domain_stays_ascii_and_is_delivered(
+    app_ctx: Flask, redis_client: Redis, smtp_server: SMTPServer, work: Callable[[], object]
+) -> None:
+    """email-validator gives an IDNA domain back in Unicode; smtplib could not send that."""
+    job = send_email(["Ann <ann@XN--Bcher-kva.Example>", "bob@xn--bcher-kva.example"], "Hi", "test")
+    record = status.load(redis_client, job.id)
+    assert record is not None
+    assert record.to == ["Ann <ann@xn--bcher-kva.example>", "bob@xn--bcher-kva.example"]
+    work()
+    [received] = smtp_server.wait_for(1)
+    assert sorted(received.rcpt_tos) == ["ann@xn--bcher-kva.example", "bob@xn--bcher-kva.example"]
+    assert status.load(redis_client, job.id).status == status.SENT  # type: ignore[union-attr]

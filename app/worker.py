@@ -20,7 +20,7 @@
 
 Invariant kept here (the guarantees rest on it, keep it when optimising): a
 job id is always in exactly one of its queue, the queue's intermediate list or
-the started registry, moved between them atomically (LMOVE; one MULTI/EXEC).
+the started registry, moved between them atomically (LMOVE; one MULTI/EXEC or script).
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ from jobs.mail import queue_claim
 # callbacks, repeats or groups, and keep no result (result_ttl=0).
 LEAN_JOBS = frozenset({DELIVER_JOB})
 
-# A lean job's first Redis step, queued on the MULTI/EXEC that starts it; the reply is
+# A lean job's first Redis step, queued in the round trip that starts it; the reply is
 # left on the job as `claimed_attempt` for the job function to use.
 FIRST_STEPS: dict[str, Callable[[Any, Job], None]] = {DELIVER_JOB: queue_claim}
 
@@ -95,8 +95,8 @@ return ids
 
 
 class LeanJob(Job):
-    """A Job whose PERSIST (Job.perform's first round trip) can be sent ahead, in the
-    MULTI/EXEC that registers it as started (LeanJobs._start)."""
+    """A Job whose PERSIST (Job.perform's first round trip) can be sent ahead, with the
+    writes that register it as started (LeanJobs._start)."""
 
     persisted = False
     claimed_attempt: Any = None  # the reply of its FIRST_STEPS step, until the job reads it

@@ -224,8 +224,8 @@ def begin_attempt(
 
 
 def queue_begin_attempt(pipe: Pipeline, mail_id: str, lease_seconds: int) -> None:
-    """`begin_attempt` on the caller's pipeline (the worker's MULTI/EXEC that starts
-    the job); read its reply with `attempt_from_reply`."""
+    """`begin_attempt` on the caller's pipeline (the round trip in which the worker
+    starts the job); read its reply with `attempt_from_reply`."""
     pipe.eval(_BEGIN_ATTEMPT, 2, *_begin_attempt_args(mail_id, lease_seconds, None, None))
 
 

@@ -39,7 +39,7 @@ def deliver(mail_id: str) -> str:
     job = get_current_job()
     claimed = getattr(job, "claimed_attempt", None)
     if claimed is not None and job is not None and job.args == [mail_id]:
-        # The worker claimed this attempt in the MULTI/EXEC that started the job.
+        # The worker claimed this attempt in the round trip that started the job.
         job.claimed_attempt = None  # type: ignore[attr-defined]
         outcome, record = status.attempt_from_reply(claimed)
     else:
@@ -89,7 +89,7 @@ def lease_seconds(job: Job | None) -> int:
 
 
 def queue_claim(pipe: Pipeline, job: Job) -> None:
-    """Queue `deliver`'s first step, claiming the attempt, on the worker's MULTI/EXEC that
+    """Queue `deliver`'s first step, claiming the attempt, on the worker's round trip that
     starts `job` (app/leanworker.py): one round trip fewer per mail. The worker stores
     the reply as `job.claimed_attempt`."""
     status.queue_begin_attempt(pipe, job.args[0], lease_seconds(job))

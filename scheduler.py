@@ -34,6 +34,7 @@ from rq_scheduler import Scheduler
 
 from app import create_app
 from app.digests import DISPATCH_JOB
+from app.errors import ConfigError
 from app.queues import DIGEST_QUEUE, QUEUE_NAMES, JSONJob, get_redis
 
 log = logging.getLogger("mailqueue.scheduler")
@@ -156,7 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s scheduler %(levelname)s %(message)s"
     )
-    app = create_app()
+    try:
+        app = create_app()
+    except ConfigError as err:
+        # One line naming the key, as the worker and `make run` say it; no traceback.
+        raise SystemExit(f"mailqueue scheduler not started: {err}") from err
     scheduler = make_scheduler(get_redis(app), args.interval)
     for job_id, action in register(scheduler).items():
         log.info("periodic job %s: %s", job_id, action)

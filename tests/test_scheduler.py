@@ -201,3 +201,21 @@ def test_two_schedulers_at_once_send_each_digest_once(
     run_worker()
     received = smtp_server.wait_for(5)
     assert sorted(r.rcpt_tos[0] for r in received) == [f"user{n}@example.com" for n in range(5)]
+
+
+def test_a_bad_setting_stops_the_scheduler_with_one_line(env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "scheduler.py", "--burst"],
+        cwd=PROJECT_ROOT,
+        env={**subprocess_env(), "MAIL_PORT": "abc"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("mailqueue scheduler not started: MAIL_PORT: ")
+    ), result.stderr
+    assert "Traceback" not in result.stderr

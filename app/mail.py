@@ -369,13 +369,14 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
                 if required not in message:
                     raise InvalidMailError(required, "is required")
             records.append(
-                checks.prepare(
+                prepare(
                     message["to"],
                     message["subject"],
                     message["template"],
                     message.get("context", {}),
                     send_at=message.get("send_at"),
                     delay=message.get("delay"),
+                    checks=checks,
                 )
             )
         except InvalidMailError as err:
@@ -400,24 +401,41 @@ def prepare(
     headers: Mapping[str, str] | None = None,
     kind: str = "mail",
     mail_id: str | None = None,
+    checks: _Checks | None = None,
 ) -> status.MailRecord:
-    """Validate everything about one mail and return its (unsaved) record."""
-    return _Checks().prepare(
-        to,
-        subject,
-        template,
-        context,
-        send_at=send_at,
-        delay=delay,
-        headers=headers,
+    """Validate everything about one mail and return its (unsaved) record. `checks`:
+    the settings of a call validating many mails (send_many), read once."""
+    checks = checks or _Checks()
+    recipients = validate_recipients(to, checks.max_recipients)
+    if not isinstance(subject, str) or not subject.strip():
+        raise InvalidMailError("subject", "must be a non-empty string")
+    check_header("subject", subject)
+    if len(subject) > MAX_SUBJECT_LENGTH:
+        raise InvalidMailError("subject", f"longer than {MAX_SUBJECT_LENGTH} characters")
+    if template not in checks.templates:
+        check_template(template)
+        checks.templates.add(template)
+    context = validate_context(context, checks.max_context_bytes)
+    for name, value in (headers or {}).items():
+        check_header_name(name)
+        check_header(f"header {name}", value)
+    when = resolve_send_at(send_at, delay)
+    return status.MailRecord(
+        id=mail_id or status.new_id(),
+        to=recipients,
+        subject=subject,
+        template=template,
+        context=context,
+        status=status.SCHEDULED if when else status.QUEUED,
         kind=kind,
-        mail_id=mail_id,
+        headers=dict(headers or {}),
+        send_at=when.isoformat() if when else "",
     )
 
 
 class _Checks:
-    """Validation of the mails of one call: the settings it needs are read, and the
-    configured sender and prefix checked, once; each template is looked up once."""
+    """What validating the mails of one call needs, read once: the settings, the
+    configured sender and prefix checked, and the templates found so far."""
 
     def __init__(self) -> None:
         config = current_app.config
@@ -427,46 +445,7 @@ class _Checks:
         check_header("MAIL_SUBJECT_PREFIX", config["MAIL_SUBJECT_PREFIX"])
         self.max_recipients: int = config["MAIL_MAX_RECIPIENTS"]
         self.max_context_bytes: int = config["MAIL_MAX_CONTEXT_BYTES"]
-        self.templates: set[str] = set()  # found already
-
-    def prepare(
-        self,
-        to: str | Iterable[str],
-        subject: str,
-        template: str,
-        context: Mapping[str, Any],
-        *,
-        send_at: datetime | None = None,
-        delay: timedelta | float | None = None,
-        headers: Mapping[str, str] | None = None,
-        kind: str = "mail",
-        mail_id: str | None = None,
-    ) -> status.MailRecord:
-        recipients = validate_recipients(to, self.max_recipients)
-        if not isinstance(subject, str) or not subject.strip():
-            raise InvalidMailError("subject", "must be a non-empty string")
-        check_header("subject", subject)
-        if len(subject) > MAX_SUBJECT_LENGTH:
-            raise InvalidMailError("subject", f"longer than {MAX_SUBJECT_LENGTH} characters")
-        if template not in self.templates:
-            check_template(template)
-            self.templates.add(template)
-        context = validate_context(context, self.max_context_bytes)
-        for name, value in (headers or {}).items():
-            check_header_name(name)
-            check_header(f"header {name}", value)
-        when = resolve_send_at(send_at, delay)
-        return status.MailRecord(
-            id=mail_id or status.new_id(),
-            to=recipients,
-            subject=subject,
-            template=template,
-            context=context,
-            status=status.SCHEDULED if when else status.QUEUED,
-            kind=kind,
-            headers=dict(headers or {}),
-            send_at=when.isoformat() if when else "",
-        )
+        self.templates: set[str] = set()
 
 
 def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:

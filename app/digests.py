@@ -693,11 +693,17 @@ def settle(
     mode: str,
     mail_id: str | None = None,
     mail_status: str | None = None,
+    then_begin: tuple[status.MailRecord, int] | None = None,
     **record_fields: Any,
-) -> None:
+) -> Any:
     """End one subscriber's period in one MULTI/EXEC: mark it handled, drop the claimed
     items (`sent`/`empty`) or put them back in front of the live list (`giveup`),
-    release the lease, and finish the mail record if there is one."""
+    release the lease, and finish the mail record if there is one.
+
+    `then_begin` (the next digest's record and lease seconds): claim that digest's
+    delivery attempt in the same round trip (status.begin_attempt, creating its
+    record); its reply is returned for status.attempt_from_reply.
+    """
     config = current_app.config
     keys = (sub_key(email), lease_key(email), claimed_key(email, period), items_key(email))
     with redis.pipeline(transaction=True) as pipe:
@@ -712,7 +718,17 @@ def settle(
             status.queue_finish(
                 pipe, mail_id, mail_status, ttl, metric_template=DIGEST_TEMPLATE, **record_fields
             )
-        pipe.execute()
+        if then_begin is not None:
+            record, lease_seconds = then_begin
+            status.queue_begin_attempt(
+                pipe,
+                record.id,
+                lease_seconds,
+                create=record,
+                create_ttl=config["MAIL_STATUS_TTL"],
+            )
+        replies = pipe.execute()
+    return replies[-1] if then_begin is not None else None
 
 
 def release(redis: Redis, email: str, period: str) -> None:

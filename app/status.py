@@ -223,10 +223,19 @@ def begin_attempt(
     return attempt_from_reply(redis.eval(_BEGIN_ATTEMPT, 2, *args))
 
 
-def queue_begin_attempt(pipe: Pipeline, mail_id: str, lease_seconds: int) -> None:
-    """`begin_attempt` on the caller's pipeline (the round trip in which the worker
-    starts the job); read its reply with `attempt_from_reply`."""
-    pipe.eval(_BEGIN_ATTEMPT, 2, *_begin_attempt_args(mail_id, lease_seconds, None, None))
+def queue_begin_attempt(
+    pipe: Pipeline,
+    mail_id: str,
+    lease_seconds: int,
+    *,
+    create: MailRecord | None = None,
+    create_ttl: int | None = None,
+) -> None:
+    """`begin_attempt` on the caller's pipeline (a round trip made anyway: the one in
+    which the worker starts the job, or a digest chunk settles the digest before);
+    read its reply with `attempt_from_reply`."""
+    args = _begin_attempt_args(mail_id, lease_seconds, create, create_ttl)
+    pipe.eval(_BEGIN_ATTEMPT, 2, *args)
 
 
 def attempt_from_reply(reply: Any) -> tuple[str, MailRecord | None]:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from flask import current_app
+from flask_mail import Message
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import get_current_job
@@ -65,6 +67,7 @@ def send_digests(pairs: list[list[str]]) -> dict[str, int]:
     counts: Counter[str] = Counter()
     deferred: list[tuple[digests.Claim, DeliveryError]] = []
     claims = digests.claim_many(redis, valid)
+    ahead: _Begun | None = None
     for index, claim in enumerate(claims):
         if claim.outcome == "busy":
             deferred.append((claim, MailInFlightError(f"{claim.email}: another job holds it")))
@@ -72,8 +75,11 @@ def send_digests(pairs: list[list[str]]) -> dict[str, int]:
         if claim.outcome != "go":
             counts[claim.outcome] += 1
             continue
+        begun, ahead = (ahead if ahead is not None and ahead.digest.claim is claim else None), None
+        following = next((c for c in claims[index + 1 :] if c.outcome == "go"), None)
         try:
-            counts[_deliver(redis, claim)] += 1
+            outcome, ahead = _deliver(redis, claim, begun, following)
+            counts[outcome] += 1
         except (JobTimeoutException, RedisError):
             raise  # the job's own trouble: RQ records and retries it; claims are kept
         except TransientDeliveryError as err:
@@ -92,48 +98,99 @@ def send_digests(pairs: list[list[str]]) -> dict[str, int]:
     return dict(counts)
 
 
-def _deliver(redis: Redis, claim: digests.Claim) -> str:
-    """One subscriber's digest, once its items are claimed."""
+@dataclass
+class _Digest:
+    """One subscriber's digest: its mail record and the unsubscribe URL it shows."""
+
+    claim: digests.Claim
+    record: status.MailRecord
+    unsubscribe: str
+
+
+@dataclass
+class _Begun:
+    """A digest whose delivery attempt was claimed in the round trip that settled the
+    digest before it: the reply of status.begin_attempt's script."""
+
+    digest: _Digest
+    reply: Any
+
+
+def _digest(claim: digests.Claim) -> _Digest:
     subscriber = claim.subscriber
     assert subscriber is not None
-    if not claim.items:
-        digests.settle(redis, claim.email, claim.period, mode="empty")
-        return "empty"
-    config = current_app.config
     # One signed URL for the header and the body (url_for + HMAC: ~45 µs each).
     unsubscribe = digests.unsubscribe_url(subscriber.email)
     record = digests.digest_record(subscriber, claim.period, len(claim.items), unsubscribe)
-    # Render before taking the record's lease: a crash while rendering leaves nothing
-    # to wait for, and the retry renders the same claimed items again.
-    context = digests.digest_context(subscriber, claim.period, claim.items, unsubscribe)
-    message = build_message(record, context)
-    outcome, attempted = status.begin_attempt(
-        redis,
-        record.id,
-        config["MAIL_JOB_TIMEOUT"] + status.LEASE_GRACE_SECONDS,
-        create=record,
-        create_ttl=config["MAIL_STATUS_TTL"],
+    return _Digest(claim, record, unsubscribe)
+
+
+def _message(digest: _Digest) -> Message:
+    claim = digest.claim
+    assert claim.subscriber is not None
+    context = digests.digest_context(
+        claim.subscriber, claim.period, claim.items, digest.unsubscribe
     )
+    return build_message(digest.record, context)
+
+
+def _deliver(
+    redis: Redis, claim: digests.Claim, begun: _Begun | None, following: digests.Claim | None
+) -> tuple[str, _Begun | None]:
+    """One subscriber's digest, once its items are claimed; return the outcome, and
+    `following` (the chunk's next claimed subscriber) if its attempt was claimed here.
+
+    Each digest costs two round trips: claiming its attempt (creating its record)
+    and settling it. The claim of the next one rides on this one's settle (`begun`
+    on the next call), so a digest sent after another costs one.
+    """
+    if not claim.items:
+        digests.settle(redis, claim.email, claim.period, mode="empty")
+        return "empty", None
+    config = current_app.config
+    lease = config["MAIL_JOB_TIMEOUT"] + status.LEASE_GRACE_SECONDS
+    message: Message | None = None
+    if begun is None:
+        digest = _digest(claim)
+        # Render before taking the record's lease: a crash while rendering leaves nothing
+        # to wait for, and the retry renders the same claimed items again. (A digest
+        # claimed ahead renders under its lease: a render error still releases it.)
+        message = _message(digest)
+        outcome, attempted = status.begin_attempt(
+            redis,
+            digest.record.id,
+            lease,
+            create=digest.record,
+            create_ttl=config["MAIL_STATUS_TTL"],
+        )
+    else:
+        digest = begun.digest
+        outcome, attempted = status.attempt_from_reply(begun.reply)
+    record = digest.record
     if outcome == "sent":
         # An earlier attempt got it accepted but died before settling: settle now.
         digests.settle(redis, claim.email, claim.period, mode="sent")
-        return "already sent"
+        return "already sent", None
     if outcome == "busy":
         raise MailInFlightError(f"digest {record.id} is being sent by another worker")
+    if message is None:
+        message = _message(digest)
     attempt = attempted.attempts if attempted is not None else 0
+    after = _digest(following) if following is not None and following.items else None
     _emit(events.SENDING, record.id, attempt, items=len(claim.items))
     refused = get_mailer().send(message)
-    digests.settle(
+    reply = digests.settle(
         redis,
         claim.email,
         claim.period,
         mode="sent",
         mail_id=record.id,
         mail_status=status.SENT,
+        then_begin=(after.record, lease) if after is not None else None,
         refused=refused,
     )
     _emit(events.SENT, record.id, attempt, refused=len(refused) or None)
-    return "sent"
+    return "sent", _Begun(after, reply) if after is not None else None
 
 
 def _emit(event: str, mail_id: str, attempt: int | None, **extra: object) -> None:

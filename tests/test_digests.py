@@ -19,6 +19,7 @@ import pytest
 import time_machine
 from flask import Flask
 from redis import Redis
+from redis.connection import AbstractConnection as RedisConnection
 
 from app import digests, status
 from app.errors import InvalidItemError, SubscriberNotFoundError
@@ -441,6 +442,61 @@ def test_permanent_failure_of_one_subscriber_does_not_block_the_chunk(
     assert redis_client.llen(digests.items_key("bad@example.com")) == 1
     queue = get_queue(DIGEST_QUEUE)
     assert queue.failed_job_registry.count == 0
+
+
+def test_a_digest_after_another_costs_one_round_trip(
+    app_ctx: Flask, smtp_server: SMTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim of the chunk, the first digest's attempt, then one settle per digest
+    (which claims the next digest's attempt too)."""
+    emails = [f"s{i}@example.com" for i in range(20)]
+    with time_machine.travel(utc("2026-11-27T09:00"), tick=False):
+        for email in emails:
+            _due_subscriber(email)
+            digests.add_item(email, f"For {email}")
+        pairs = [[email, "2026-11-27"] for email in emails]
+        sends: list[int] = []
+        real_send = RedisConnection.send_packed_command
+
+        def counting(self: RedisConnection, *args: Any, **kwargs: Any) -> None:
+            sends.append(1)
+            real_send(self, *args, **kwargs)
+
+        monkeypatch.setattr(RedisConnection, "send_packed_command", counting)
+        assert send_digests(pairs) == {"sent": len(emails)}
+        monkeypatch.undo()
+    assert len(smtp_server.wait_for(len(emails))) == len(emails)
+    assert len(sends) == len(emails) + 2
+
+
+def test_a_render_error_in_a_digest_claimed_ahead_fails_it_and_frees_its_lease(
+    app_ctx: Flask, smtp_server: SMTPServer, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emails = ["a@example.com", "b@example.com", "c@example.com"]
+    real_context = digests.digest_context
+
+    def context(subscriber: digests.Subscriber, *args: Any) -> dict[str, Any]:
+        if subscriber.email == "b@example.com":
+            raise ValueError("a broken item")
+        return real_context(subscriber, *args)
+
+    with time_machine.travel(utc("2026-11-27T09:00"), tick=False):
+        for email in emails:
+            _due_subscriber(email)
+            digests.add_item(email, f"For {email}")
+        monkeypatch.setattr(digests, "digest_context", context)
+        counts = send_digests([[email, "2026-11-27"] for email in emails])
+    assert counts == {"sent": 2, "failed": 1}
+    received = smtp_server.wait_for(2)
+    assert sorted(r.rcpt_tos[0] for r in received) == ["a@example.com", "c@example.com"]
+    b = digests.get_subscriber("b@example.com")
+    assert b is not None and b.last_period == "2026-11-27"
+    mail_id = digests.digest_mail_id(b.email, "2026-11-27", b.gen)
+    record = status.load(redis_client, mail_id)
+    assert record is not None and record.status == status.FAILED
+    assert "a broken item" in record.last_error
+    assert redis_client.exists(status.lease_key(mail_id)) == 0
+    assert redis_client.llen(digests.items_key(b.email)) == 1  # kept for the next digest
 
 
 # --- subscribers and items -----------------------------------------------------------------

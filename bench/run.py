@@ -644,6 +644,7 @@ def render(report: Report) -> str:
             f"| ({r.key}) | {_f(r.cpu_ms, 2)} | {_f(r.producer_ms, 2)} | {_f(r.redis_ms, 2)} | "
             f"{_f(r.sink_ms, 2)} | {drift} | {notes} |"
         )
+    lines += budget(report)
     for r in rows:
         if r.profile:
             lines += ["", profile.render(f"Profile of ({r.key})", r.profile, r.cpu_ms)]
@@ -674,6 +675,46 @@ def render(report: Report) -> str:
         f"{info.get('loadavg_end', (math.nan,))[0]:.2f} at end.",
     ]
     return "\n".join(lines)
+
+
+# Issue 5's targets for the queue rows, as multiples of (e)'s rate.
+TARGETS_VS_E = {"c2": 0.75, "d": 1.2}
+
+
+def budget(report: Report) -> list[str]:
+    """Why a queue row's rate is what it is: the CPU one mail costs across every process,
+    the rate those cores allow at that cost, and the cost issue 5's target allows.
+
+    The rows are CPU-bound (every process shares the machine's cores), so a row's rate
+    is at most cores / (CPU per mail). (e)'s own share (render, send, and the sink's
+    part) is in every queue row too; the rest is what the queue adds per mail. A digest
+    is a bigger mail than (e)'s, so (d)'s queue share also holds its extra rendering.
+    """
+    e = next((r for r in report.rows if r.key == "e" and r.complete), None)
+    cores = report.machine.get("nproc") or 1
+    if e is None:
+        return []
+    own = e.cpu_ms + _zero_nan(e.sink_ms)
+    lines = [
+        "",
+        f"CPU budget on {cores} cores. (e) spends {own:.2f} ms per mail (render + send "
+        f"{e.cpu_ms:.2f}, sink {_zero_nan(e.sink_ms):.2f}).",
+        "",
+        "| row | CPU ms/mail, all processes | ceiling at that cost | target | CPU ms/mail "
+        "it allows | queue's share: measured / allowed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report.rows:
+        target = TARGETS_VS_E.get(r.key)
+        if target is None or not r.complete:
+            continue
+        total = r.cpu_ms + _zero_nan(r.producer_ms) + _zero_nan(r.redis_ms) + _zero_nan(r.sink_ms)
+        allowed = cores * 1000 / (target * e.rate)
+        lines.append(
+            f"| ({r.key}) | {total:.2f} | {cores * 1000 / total:,.0f}/s | {target:.2f}x (e) = "
+            f"{target * e.rate:,.0f}/s | {allowed:.2f} | {total - own:.2f} / {allowed - own:.2f} |"
+        )
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -771,6 +812,10 @@ def _median_ms(count: int, call: Callable[[int], Any]) -> float:
 
 def _nan_low(value: float) -> float:
     return -math.inf if math.isnan(value) else value
+
+
+def _zero_nan(value: float) -> float:
+    return 0.0 if math.isnan(value) else value
 
 
 def _f(value: float, digits: int) -> str:

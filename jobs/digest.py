@@ -1,10 +1,11 @@
 """Digest jobs: the periodic dispatcher, and digests for a chunk of subscribers.
 
 `send_digests` takes `[[email, period], ...]` (plain JSON, DIGEST_CHUNK_SIZE
-pairs) and, per subscriber, claims the pending items, renders and sends the
-digest over the worker's persistent SMTP connection, then marks the period
-handled, drops the claimed items and finishes the mail record in one
-MULTI/EXEC. A crash or retry anywhere before that reuses the claimed items and
+pairs), claims every subscriber's pending items in one round trip, then per
+subscriber renders and sends the digest over the worker's persistent SMTP
+connection and marks the period handled, drops the claimed items and finishes
+the mail record in one MULTI/EXEC (which also claims the next digest's delivery
+attempt). A crash or retry anywhere before that reuses the claimed items and
 the same mail id, so nothing is lost and a period is not sent twice (see
 app/digests.py for the data).
 """

@@ -1,12 +1,18 @@
-"""Helpers for tests that need more than a fixture: RQ's scheduler pass, a Redis dump."""
+"""Helpers for tests that need more than a fixture: RQ's scheduler pass, a Redis dump,
+counting round trips."""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import pytest
 from redis import Redis
+from redis.connection import AbstractConnection
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
@@ -24,6 +30,24 @@ def scheduler_pass(redis: Redis, queues: tuple[str, ...] = ("mail", "digests")) 
         # and never closes it: a socket left to the garbage collector is a
         # ResourceWarning, an error under filterwarnings, in whatever test runs then.
         scheduler.connection.connection_pool.disconnect()
+
+
+@contextmanager
+def counting_redis_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Count what redis-py writes to any connection inside the block: one write per
+    command or pipeline, so one per round trip. Yields the list it appends to."""
+    writes: list[int] = []
+    real_send = AbstractConnection.send_packed_command
+
+    def counting(self: AbstractConnection, *args: Any, **kwargs: Any) -> None:
+        writes.append(1)
+        real_send(self, *args, **kwargs)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    try:
+        yield writes
+    finally:
+        monkeypatch.setattr(AbstractConnection, "send_packed_command", real_send)
 
 
 def redis_dump(redis: Redis) -> bytes:

@@ -19,7 +19,6 @@ import pytest
 import time_machine
 from flask import Flask
 from redis import Redis
-from redis.connection import AbstractConnection as RedisConnection
 
 from app import digests, status
 from app.errors import InvalidItemError, SubscriberNotFoundError
@@ -32,7 +31,7 @@ from tests.digest_helpers import (
     run_dispatcher,
     utc,
 )
-from tests.helpers import scheduler_pass
+from tests.helpers import counting_redis_writes, scheduler_pass
 from tests.servers import SMTPServer
 
 ANN = "ann@example.com"
@@ -455,16 +454,8 @@ def test_a_digest_after_another_costs_one_round_trip(
             _due_subscriber(email)
             digests.add_item(email, f"For {email}")
         pairs = [[email, "2026-11-27"] for email in emails]
-        sends: list[int] = []
-        real_send = RedisConnection.send_packed_command
-
-        def counting(self: RedisConnection, *args: Any, **kwargs: Any) -> None:
-            sends.append(1)
-            real_send(self, *args, **kwargs)
-
-        monkeypatch.setattr(RedisConnection, "send_packed_command", counting)
-        assert send_digests(pairs) == {"sent": len(emails)}
-        monkeypatch.undo()
+        with counting_redis_writes(monkeypatch) as sends:
+            assert send_digests(pairs) == {"sent": len(emails)}
     assert len(smtp_server.wait_for(len(emails))) == len(emails)
     assert len(sends) == len(emails) + 2
 

@@ -10,7 +10,6 @@ import pytest
 import redis.exceptions
 from flask import Flask
 from redis import Redis
-from redis.connection import AbstractConnection as RedisConnection
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -19,6 +18,7 @@ import jobs.mail
 from app import leanworker, status
 from app.mail import send_email
 from app.worker import AppWorker
+from tests.helpers import counting_redis_writes
 from tests.servers import SMTPServer
 
 
@@ -64,16 +64,8 @@ def test_a_batched_mail_costs_two_redis_round_trips(
     count = leanworker.BATCH_SIZE * 8
     for i in range(count):
         send_email(f"user{i}@example.com", "Hi", "test")
-    sends: list[int] = []
-    real_send = RedisConnection.send_packed_command
-
-    def counting(self: RedisConnection, *args: Any, **kwargs: Any) -> None:
-        sends.append(1)
-        real_send(self, *args, **kwargs)
-
-    monkeypatch.setattr(RedisConnection, "send_packed_command", counting)
-    work()
-    monkeypatch.undo()
+    with counting_redis_writes(monkeypatch) as sends:
+        work()
     assert len(smtp_server.wait_for(count)) == count
     # Besides 2 a mail: per batch a pop, a claim and the end (24); the worker's start,
     # maintenance pass and stop (~60). A third round trip per mail would add 128.

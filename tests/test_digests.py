@@ -21,7 +21,8 @@ from flask import Flask
 from redis import Redis
 
 from app import digests, status
-from app.errors import InvalidItemError, SubscriberNotFoundError
+from app.errors import InvalidItemError, SubscriberNotFoundError, TransientDeliveryError
+from app.mail import build_message
 from app.queues import DIGEST_QUEUE, get_queue
 from app.smtp import Mailer
 from jobs.digest import send_digests
@@ -358,6 +359,49 @@ def test_a_crash_between_claim_and_send_loses_nothing_and_sends_once(
     assert len(messages) == 2
     assert "Arrived after the crash" in messages[1].part("text/plain")
     assert "First" not in messages[1].part("text/plain")
+
+
+def test_a_crash_after_claiming_the_next_digest_ahead_sends_it_once_its_lease_lapses(
+    app_ctx: Flask, smtp_server: SMTPServer, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The settle of `a` claimed `b`'s attempt; the worker dies rendering `b`. Like a
+    death mid-send, `b` waits for its lease (job timeout + grace), then goes out once."""
+    emails = ["a@example.com", "b@example.com"]
+    pairs = [[email, "2026-11-27"] for email in emails]
+    real_build = build_message
+
+    def build_or_crash(record: status.MailRecord, context: Any = None) -> Any:
+        if record.to == ["b@example.com"]:
+            raise SimulatedCrash
+        return real_build(record, context)
+
+    with time_machine.travel(utc("2026-11-27T09:00"), tick=False):
+        for email in emails:
+            _due_subscriber(email)
+            digests.add_item(email, f"For {email}")
+        monkeypatch.setattr("jobs.digest.build_message", build_or_crash)
+        with pytest.raises(SimulatedCrash):
+            send_digests(pairs)
+        monkeypatch.undo()
+        b = digests.get_subscriber("b@example.com")
+        assert b is not None
+        b_id = digests.digest_mail_id(b.email, "2026-11-27", b.gen)
+        record = status.load(redis_client, b_id)
+        assert record is not None and record.status == status.SENDING
+        lease = app_ctx.config["MAIL_JOB_TIMEOUT"] + status.LEASE_GRACE_SECONDS
+        assert lease - 5 <= redis_client.ttl(status.lease_key(b_id)) <= lease
+        # While the lease lives, a retry leaves `b` alone (and `a` is handled).
+        with pytest.raises(TransientDeliveryError):
+            send_digests(pairs)
+        assert len(smtp_server.wait_for(1)) == 1
+        # Redis expires the lease on its own clock; the clock moved only in this process.
+        redis_client.delete(status.lease_key(b_id))
+        assert send_digests(pairs) == {"handled": 1, "sent": 1}
+    received = smtp_server.wait_for(2)
+    assert sorted(r.rcpt_tos[0] for r in received) == emails
+    record = status.load(redis_client, b_id)
+    assert record is not None and record.status == status.SENT and record.attempts == 2
+    assert redis_client.exists(digests.claimed_key(b.email, "2026-11-27")) == 0
 
 
 def test_items_arriving_during_a_send_go_to_the_next_digest(

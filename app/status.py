@@ -55,6 +55,9 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 @dataclass
 class MailRecord:
     """One mail: what to send and how far it got."""
@@ -76,22 +79,24 @@ class MailRecord:
     refused: dict[str, str] = field(default_factory=dict)
 
     def to_redis(self) -> dict[str, str]:
+        # Every enqueue writes one of these per mail: no encoder built per call (as
+        # json.dumps with options does), and the usual empty dicts written as-is.
         return {
             "id": self.id,
             "to": json.dumps(self.to),
             "subject": self.subject,
             "template": self.template,
-            "context": json.dumps(self.context, separators=(",", ":")),
+            "context": _compact_json(self.context),
             "status": self.status,
             "kind": self.kind,
-            "headers": json.dumps(self.headers),
+            "headers": json.dumps(self.headers) if self.headers else "{}",
             "send_at": self.send_at,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "sent_at": self.sent_at,
             "attempts": str(self.attempts),
             "last_error": self.last_error,
-            "refused": json.dumps(self.refused),
+            "refused": json.dumps(self.refused) if self.refused else "{}",
         }
 
     @classmethod

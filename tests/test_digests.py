@@ -379,10 +379,9 @@ def test_a_crash_after_claiming_the_next_digest_ahead_sends_it_once_its_lease_la
         for email in emails:
             _due_subscriber(email)
             digests.add_item(email, f"For {email}")
-        monkeypatch.setattr("jobs.digest.build_message", build_or_crash)
-        with pytest.raises(SimulatedCrash):
+        with monkeypatch.context() as patch, pytest.raises(SimulatedCrash):
+            patch.setattr("jobs.digest.build_message", build_or_crash)
             send_digests(pairs)
-        monkeypatch.undo()
         b = digests.get_subscriber("b@example.com")
         assert b is not None
         b_id = digests.digest_mail_id(b.email, "2026-11-27", b.gen)

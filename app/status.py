@@ -151,9 +151,8 @@ def create(pipe: Pipeline, record: MailRecord) -> None:
 
 def new_record_fields(record: MailRecord, stamp: str) -> dict[str, str]:
     """The hash `create` writes, stamped `stamp`: for app.mail's bulk enqueue, which
-    writes many new records in one script and stamps them alike. Keep the two in step."""
-    record.created_at = record.created_at or stamp
-    record.updated_at = stamp
+    writes many new records in one script and stamps them alike."""
+    _stamp_new(record, stamp)
     return record.to_redis()
 
 
@@ -350,9 +349,10 @@ def settle(
     return template.decode(), int(attempts or 0)
 
 
-def _stamp_new(record: MailRecord) -> None:
-    """A record about to be written for the first time: created (unless set) and updated now."""
-    stamp = now_iso()
+def _stamp_new(record: MailRecord, stamp: str | None = None) -> None:
+    """A record about to be written for the first time: created (unless set) and updated
+    at `stamp` (now by default)."""
+    stamp = stamp or now_iso()
     record.created_at = record.created_at or stamp
     record.updated_at = stamp
 

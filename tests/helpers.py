@@ -1,5 +1,5 @@
 """Helpers for tests that need more than a fixture: RQ's scheduler pass, a Redis dump,
-counting round trips."""
+counting round trips, a Redis that fails every pipeline."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.client
+import redis.exceptions
 from redis import Redis
 from redis.connection import AbstractConnection
 from rq.scheduler import RQScheduler
@@ -48,6 +50,18 @@ def counting_redis_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]
         yield writes
     finally:
         monkeypatch.setattr(AbstractConnection, "send_packed_command", real_send)
+
+
+@contextmanager
+def failing_pipelines(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Inside the block, every redis-py pipeline fails as a reset connection would."""
+
+    def broken(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise redis.exceptions.ConnectionError("injected: connection reset")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(redis.client.Pipeline, "execute", broken)
+        yield
 
 
 def redis_dump(redis: Redis) -> bytes:

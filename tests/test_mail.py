@@ -9,8 +9,6 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-import redis.client
-import redis.exceptions
 from flask import Flask
 from redis import Redis
 
@@ -25,6 +23,7 @@ from app.errors import (
     TemplateNotFoundError,
 )
 from app.mail import render_email, send_email
+from tests.helpers import failing_pipelines
 from tests.servers import SMTPServer
 
 
@@ -138,15 +137,11 @@ def test_valid_mail_writes_one_record_and_one_job(app_ctx: Flask, redis_client: 
 def test_redis_down_raises_queue_unavailable_and_writes_nothing(
     app_ctx: Flask, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(self: Any, *args: Any, **kwargs: Any) -> Any:
-        raise redis.exceptions.ConnectionError("injected: connection reset")
-
-    monkeypatch.setattr(redis.client.Pipeline, "execute", broken)
-    with pytest.raises(QueueUnavailableError, match="not queued"):
-        send_email(**OK)
-    with pytest.raises(QueueUnavailableError):
-        send_email(**OK, delay=timedelta(hours=1))
-    monkeypatch.undo()
+    with failing_pipelines(monkeypatch):
+        with pytest.raises(QueueUnavailableError, match="not queued"):
+            send_email(**OK)
+        with pytest.raises(QueueUnavailableError):
+            send_email(**OK, delay=timedelta(hours=1))
     # Nothing outside the transaction either (rq's own scheduling writes its ZADD
     # outside any pipeline; app.mail.schedule keeps it in).
     assert redis_client.dbsize() == 0

@@ -10,8 +10,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-import redis.client
-import redis.exceptions
 import time_machine
 from flask import Flask
 from redis import Redis
@@ -29,6 +27,7 @@ from app.errors import (
 from app.mail import DELIVER_JOB, send_email, send_many
 from app.queues import get_queue
 from app.worker import AppWorker
+from tests.helpers import failing_pipelines
 from tests.servers import SMTPServer
 
 
@@ -196,13 +195,8 @@ def test_send_email_still_returns_its_job(app_ctx: Flask, redis_client: Redis) -
 def test_redis_down_writes_nothing(
     app_ctx: Flask, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(self: Any, *args: Any, **kwargs: Any) -> Any:
-        raise redis.exceptions.ConnectionError("injected: connection reset")
-
-    monkeypatch.setattr(redis.client.Pipeline, "execute", broken)
-    with pytest.raises(QueueUnavailableError, match="not queued"):
+    with failing_pipelines(monkeypatch), pytest.raises(QueueUnavailableError, match="not queued"):
         send_many([message(i) for i in range(3)])
-    monkeypatch.undo()
     assert redis_client.dbsize() == 0
 
 

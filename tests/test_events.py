@@ -126,6 +126,26 @@ def test_format_fields(fields: dict[str, Any], line: str) -> None:
     assert events.format_fields(fields) == line
 
 
+def test_a_line_is_the_record_log_log_would_make(captured: pytest.LogCaptureFixture) -> None:
+    """emit() builds its record without logging's stack walk: same level, message,
+    extra and caller (emit itself) as log.log() gives, and nothing below the level."""
+    events.emit("failed", mail_id="ab12", template="test", attempt=2, reason="550 no")
+    events.log.log(logging.ERROR, "reference")
+    ours, reference = captured.records
+    assert (ours.levelno, ours.name) == (reference.levelno, reference.name)
+    assert (
+        ours.getMessage()
+        == 'event=failed mail_id=ab12 job_id=ab12 template=test attempt=2 reason="550 no"'
+    )
+    assert ours.mail_event["attempt"] == 2  # type: ignore[attr-defined]
+    assert (ours.pathname, ours.funcName) == (events.__file__, "emit")
+    assert ours.lineno > 0
+    captured.clear()
+    captured.set_level(logging.WARNING, logger="mailqueue.events")
+    events.emit("sent", mail_id="ab12", template="test", attempt=1)
+    assert captured.records == []
+
+
 def test_redact_masks_mailboxes_and_bounds_length() -> None:
     assert events.redact("550 <Bob.Smith+x@mail.example.org> unknown") == (
         "550 <***@mail.example.org> unknown"

@@ -415,7 +415,7 @@ def prepare(
     if template not in checks.templates:
         check_template(template)
         checks.templates.add(template)
-    context = validate_context(context, checks.max_context_bytes)
+    context, context_json = validate_context(context, checks.max_context_bytes)
     for name, value in (headers or {}).items():
         check_header_name(name)
         check_header(f"header {name}", value)
@@ -426,6 +426,7 @@ def prepare(
         subject=subject,
         template=template,
         context=context,
+        context_json=context_json,
         status=status.SCHEDULED if when else status.QUEUED,
         kind=kind,
         headers=dict(headers or {}),
@@ -521,6 +522,10 @@ class _DeliverJobs:
         self.timeout: int = config["MAIL_JOB_TIMEOUT"]
         self.failure_ttl: int = config["MAIL_STATUS_TTL"]
         self.intervals: list[int] = config["MAIL_RETRY_INTERVALS"]
+        # Two mails' job data differ only in the id: the JSON serializer's bytes for a
+        # placeholder id, split around it, joined with each mail's (hex) id in varying().
+        data = queue.serializer.dumps((DELIVER_JOB, None, (_ID_MARK,), {}))
+        self.data_head, _, self.data_tail = data.partition(_ID_MARK.encode())
 
     def create(self, record: status.MailRecord, job_status: JobStatus) -> Job:
         """RQ's own Job for `record`."""
@@ -542,8 +547,14 @@ class _DeliverJobs:
     def varying(self, record: status.MailRecord) -> tuple[bytes, str, str]:
         """The VARYING fields of `record`'s queued job, as Job.to_dict writes them."""
         # Job.data: the serialized (function name, instance, args, kwargs).
-        data = self.queue.serializer.dumps((DELIVER_JOB, None, (record.id,), {}))
+        if record.id.isascii() and record.id.isalnum():
+            data = self.data_head + record.id.encode() + self.data_tail
+        else:  # an id the serializer might escape
+            data = self.queue.serializer.dumps((DELIVER_JOB, None, (record.id,), {}))
         return _zlib_stored(data), json.dumps(jittered(self.intervals)), self.description(record)
+
+
+_ID_MARK = "MAILQUEUEID"
 
 
 def _write_queued(pipe: Any, jobs: _DeliverJobs, records: list[status.MailRecord]) -> Job:
@@ -797,8 +808,9 @@ def check_template(template: Any) -> None:
         ) from None
 
 
-def validate_context(context: Mapping[str, Any], max_bytes: int) -> dict[str, Any]:
-    """A JSON round trip: what the worker renders is exactly what JSON can carry."""
+def validate_context(context: Mapping[str, Any], max_bytes: int) -> tuple[dict[str, Any], str]:
+    """A JSON round trip: what the worker renders is exactly what JSON can carry.
+    Returns the decoded context and its JSON (what the record stores)."""
     if not isinstance(context, Mapping):
         raise InvalidContextError("context", "must be an object")
     _check_depth(context)
@@ -809,7 +821,7 @@ def validate_context(context: Mapping[str, Any], max_bytes: int) -> dict[str, An
     if len(encoded.encode()) > max_bytes:
         raise InvalidContextError("context", f"larger than {max_bytes} bytes as JSON")
     decoded: dict[str, Any] = json.loads(encoded)
-    return decoded
+    return decoded, encoded
 
 
 # json.dumps(context, allow_nan=False, separators=(",", ":")), without building an

@@ -77,6 +77,9 @@ class MailRecord:
     attempts: int = 0
     last_error: str = ""
     refused: dict[str, str] = field(default_factory=dict)
+    # `context` as JSON, when prepare() encoded it already to check it: written as-is,
+    # so a mail's context is encoded once. Empty for records built elsewhere.
+    context_json: str = field(default="", repr=False, compare=False)
 
     def to_redis(self) -> dict[str, str]:
         # Every enqueue writes one of these per mail: no encoder built per call (as
@@ -86,7 +89,7 @@ class MailRecord:
             "to": json.dumps(self.to),
             "subject": self.subject,
             "template": self.template,
-            "context": _compact_json(self.context),
+            "context": self.context_json or _compact_json(self.context),
             "status": self.status,
             "kind": self.kind,
             "headers": json.dumps(self.headers) if self.headers else "{}",

@@ -134,6 +134,17 @@ def test_valid_mail_writes_one_record_and_one_job(app_ctx: Flask, redis_client: 
     assert job.origin == "mail"
 
 
+def test_the_stored_context_is_what_json_carries(app_ctx: Flask, redis_client: Redis) -> None:
+    """The record keeps the JSON the context was checked as; it reads back as the
+    JSON round trip of what the caller gave (keys made strings, tuples lists)."""
+    job = send_email("ann@example.com", "Hi", "test", address="Ann", n={1: (2.5, None)}, é="ü")
+    stored = redis_client.hget(status.key(job.id), "context")
+    assert stored == b'{"address":"Ann","n":{"1":[2.5,null]},"\\u00e9":"\\u00fc"}'
+    record = status.load(redis_client, job.id)
+    assert record is not None
+    assert record.context == {"address": "Ann", "n": {"1": [2.5, None]}, "é": "ü"}
+
+
 def test_redis_down_raises_queue_unavailable_and_writes_nothing(
     app_ctx: Flask, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,6 +16,9 @@ rq-scheduler 0.14 is kept behind this file; the traps it sets are handled here:
   subscribers atomically, so the second finds nothing to do.
 - crontab warns (FutureWarning) on every cron() call and every cycle: that one
   warning is filtered, nothing else.
+- Its loop dies on the first Redis error, and a Redis restarted empty (or flushed)
+  loses the registrations for good: PeriodicScheduler re-asserts them every cycle,
+  and serve() runs the loop again after an outage, with backoff, until stopped.
 """
 
 from __future__ import annotations
@@ -24,12 +27,18 @@ import argparse
 import json
 import logging
 import os
+import signal
 import time
 import warnings
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
+from uuid import uuid4
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq_scheduler import Scheduler
 
 from app import create_app
@@ -41,6 +50,8 @@ log = logging.getLogger("mailqueue.scheduler")
 
 # Seconds between two looks at the schedule (rq-scheduler's lock lives this + 10 s).
 POLL_INTERVAL = 30
+# Seconds between two tries while Redis is unreachable: doubling from the first to the last.
+RETRY_DELAYS = (1, 30)
 ID_PREFIX = "mailqueue-"
 FINGERPRINT = "mailqueue_periodic"
 
@@ -88,8 +99,36 @@ def quiet_crontab() -> None:
     )
 
 
-def make_scheduler(redis: Redis, interval: int = POLL_INTERVAL) -> Scheduler:
-    return Scheduler(
+class PeriodicScheduler(Scheduler):
+    """rq-scheduler's loop, with PERIODIC re-asserted on every cycle that holds the
+    lock (register() keeps what is there: one ZRANGE, one HMGET), and a stop signal
+    that exits even when Redis cannot be told."""
+
+    stopping = False
+
+    def enqueue_jobs(self) -> Any:
+        for job_id, action in register(self).items():
+            if action != "kept":  # Redis lost it (restarted empty, flushed) or it changed
+                log.warning("periodic job %s: %s again", job_id, action)
+        return super().enqueue_jobs()
+
+    def _install_signal_handlers(self) -> None:
+        # rq-scheduler's handler raises a connection error from register_death when
+        # Redis is down, which serve() would take for an outage and carry on.
+        def stop(signum: int, frame: Any) -> None:
+            self.log.info("Shutting down RQ scheduler...")
+            self.stopping = True
+            with suppress(RedisError):
+                self.register_death()
+                self.remove_lock()
+            raise SystemExit()
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+
+
+def make_scheduler(redis: Redis, interval: int = POLL_INTERVAL) -> PeriodicScheduler:
+    return PeriodicScheduler(
         queue_name=DIGEST_QUEUE, connection=redis, interval=interval, job_class=JSONJob
     )
 
@@ -162,10 +201,33 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         # One line naming the key, as the worker and `make run` say it; no traceback.
         raise SystemExit(f"mailqueue scheduler not started: {err}") from err
-    scheduler = make_scheduler(get_redis(app), args.interval)
-    for job_id, action in register(scheduler).items():
-        log.info("periodic job %s: %s", job_id, action)
-    scheduler.run(burst=args.burst)
+    serve(make_scheduler(get_redis(app), args.interval), burst=args.burst)
+
+
+def serve(scheduler: PeriodicScheduler, burst: bool = False) -> None:
+    """Register PERIODIC and run the loop; after a Redis outage, again, until a stop
+    signal (exit 0). A burst run does not wait for Redis: it fails."""
+    first, last = RETRY_DELAYS
+    delay = first
+    while True:
+        started = time.monotonic()
+        try:
+            for job_id, action in register(scheduler).items():
+                log.info("periodic job %s: %s", job_id, action)
+            scheduler.run(burst=burst)
+            return
+        except (RedisConnectionError, RedisTimeoutError) as err:
+            if scheduler.stopping:
+                return  # the stop handler ran; run()'s own clean-up could not reach Redis
+            if burst:
+                raise
+            if time.monotonic() - started > last:
+                delay = first  # it ran a while: a new outage
+            log.warning("Redis unreachable (%s): trying again in %d s", err, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, last)
+            # A new name: rq-scheduler refuses one whose instance key says it is alive.
+            scheduler.name = uuid4().hex
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ def get_mail(mail_id: str) -> Response:
     return jsonify(record.public())
 
 
-@bp.put("/subscribers/<email>")
+@bp.put("/subscribers/<path:email>")
 def put_subscriber(email: str) -> tuple[Response, int]:
     """Create (201) or replace (200) a digest subscriber. PUT replaces: an omitted
     hour or weekday goes back to its default. `weekday` is accepted (and kept) for
@@ -192,19 +192,19 @@ def put_subscriber(email: str) -> tuple[Response, int]:
     return jsonify(digests.describe_subscriber(email)), 201 if created else 200
 
 
-@bp.get("/subscribers/<email>")
+@bp.get("/subscribers/<path:email>")
 def get_subscriber(email: str) -> Response:
     return jsonify(digests.describe_subscriber(email))
 
 
-@bp.delete("/subscribers/<email>")
+@bp.delete("/subscribers/<path:email>")
 def delete_subscriber(email: str) -> tuple[str, int]:
     if not digests.delete_subscriber(email):
         raise SubscriberNotFoundError(digests.normalize_email(email))
     return "", 204
 
 
-@bp.post("/subscribers/<email>/items")
+@bp.post("/subscribers/<path:email>/items")
 def post_item(email: str) -> tuple[Response, int]:
     """Queue one item for the subscriber's next digest (discarded while they are off)."""
     data = json_body()

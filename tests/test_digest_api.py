@@ -92,6 +92,23 @@ def test_delete_forgets_and_then_404s(
     assert client.delete(URL, headers=auth).status_code == 404
 
 
+def test_an_address_with_a_slash_works_percent_encoded_in_the_path(
+    client: FlaskClient, auth: dict[str, str], redis_client: Redis
+) -> None:
+    """'/' is valid in a local part (RFC 5322 atext); the client encodes it as %2F,
+    which reaches the routes decoded."""
+    url = "/api/subscribers/team%2Fops@example.com"
+    assert put(client, auth, {"timezone": "UTC", "frequency": "daily"}, url=url).status_code == 201
+    added = client.post(url + "/items", json={"title": "Hi"}, headers=auth)
+    assert added.status_code == 202 and added.get_json()["pending_items"] == 1
+    shown = client.get(url, headers=auth).get_json()
+    assert (shown["email"], shown["pending_items"]) == ("team/ops@example.com", 1)
+    assert client.delete(url, headers=auth).status_code == 204
+    assert redis_client.keys("*team/ops@example.com*") == []
+    wrong = client.get("/api/subscribers/ann@example.com/items", headers=auth)
+    assert wrong.status_code == 400 and wrong.get_json()["field"] == "email"
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

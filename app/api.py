@@ -17,6 +17,7 @@ import redis.exceptions
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from rq import Worker
 from werkzeug.exceptions import BadRequest, HTTPException
+from werkzeug.routing import BaseConverter
 
 from app import digests, status
 from app.errors import InvalidMailError, QueueUnavailableError, SubscriberNotFoundError
@@ -30,6 +31,15 @@ health = Blueprint("health", __name__)
 
 MAIL_ID = re.compile(r"^[0-9a-f]{32}$")
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+
+
+class AddressConverter(BaseConverter):
+    """A subscriber address in a URL path: one or more segments ('/' is valid in a
+    local part, sent as %2F and decoded before routing), any character at all, so a
+    hostile one reaches validation and gets its 400 naming the field, never a 404."""
+
+    regex = r"[^/][\s\S]*?"
+    part_isolating = False
 
 
 class ApiError(Exception):
@@ -171,7 +181,7 @@ def get_mail(mail_id: str) -> Response:
     return jsonify(record.public())
 
 
-@bp.put("/subscribers/<path:email>")
+@bp.put("/subscribers/<address:email>")
 def put_subscriber(email: str) -> tuple[Response, int]:
     """Create (201) or replace (200) a digest subscriber. PUT replaces: an omitted
     hour or weekday goes back to its default. `weekday` is accepted (and kept) for
@@ -192,19 +202,19 @@ def put_subscriber(email: str) -> tuple[Response, int]:
     return jsonify(digests.describe_subscriber(email)), 201 if created else 200
 
 
-@bp.get("/subscribers/<path:email>")
+@bp.get("/subscribers/<address:email>")
 def get_subscriber(email: str) -> Response:
     return jsonify(digests.describe_subscriber(email))
 
 
-@bp.delete("/subscribers/<path:email>")
+@bp.delete("/subscribers/<address:email>")
 def delete_subscriber(email: str) -> tuple[str, int]:
     if not digests.delete_subscriber(email):
         raise SubscriberNotFoundError(digests.normalize_email(email))
     return "", 204
 
 
-@bp.post("/subscribers/<path:email>/items")
+@bp.post("/subscribers/<address:email>/items")
 def post_item(email: str) -> tuple[Response, int]:
     """Queue one item for the subscriber's next digest (discarded while they are off)."""
     data = json_body()
@@ -275,6 +285,7 @@ def _unexpected(err: Exception) -> Response:
 
 
 def init_app(app: Flask) -> None:
+    app.url_map.converters["address"] = AddressConverter
     app.register_blueprint(bp)
     app.register_blueprint(health)
     app.register_error_handler(ApiError, _api_error)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from typing import Any
 
 import pytest
@@ -225,11 +226,7 @@ def test_openapi_document_describes_every_route(client: FlaskClient, app: Flask)
             "outbox",
         }:
             continue
-        path = rule.rule.replace("<", "{").replace(">", "}")
-        path = "/".join(
-            part.split(":")[-1] if part.startswith("{") else part for part in path.split("/")
-        )
-        path = path.replace("{{", "{")
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)  # <address:email> -> {email}
         for method in rule.methods - {"HEAD", "OPTIONS"}:  # type: ignore[operator]
             served.add((path, method))
     assert served == documented

@@ -36,6 +36,27 @@ log = logging.getLogger("mailqueue.smtp")
 EXTENSION = "mailqueue.smtp"
 
 
+class _BodyTracking:
+    """An SMTP client that notes when a message body may have reached the server.
+    From then on a lost connection may mean a delivered mail: never send it again
+    at once (the job's retry, after the lease, checks the record first)."""
+
+    body_may_be_sent = False
+
+    def data(self, msg: Any) -> tuple[int, bytes]:  # sendmail's last step (no PIPELINING)
+        self.body_may_be_sent = True
+        reply: tuple[int, bytes] = super().data(msg)  # type: ignore[misc]
+        return reply
+
+
+class _SMTP(_BodyTracking, smtplib.SMTP):
+    pass
+
+
+class _SMTP_SSL(_BodyTracking, smtplib.SMTP_SSL):
+    pass
+
+
 class TimeoutConnection(Connection):
     """Flask-Mail's Connection, but every socket operation has a deadline."""
 
@@ -49,11 +70,11 @@ class TimeoutConnection(Connection):
         # The system's CAs, or only MAIL_TLS_CA_FILE's; certificates are always verified.
         context = ssl.create_default_context(cafile=self.ca_file)
         if self.mail.use_ssl:
-            host = smtplib.SMTP_SSL(
+            host = _SMTP_SSL(
                 self.mail.server, self.mail.port, timeout=self.timeout, context=context
             )
         else:
-            host = smtplib.SMTP(self.mail.server, self.mail.port, timeout=self.timeout)
+            host = _SMTP(self.mail.server, self.mail.port, timeout=self.timeout)
         try:
             if self.mail.use_tls:
                 host.starttls(context=context)
@@ -82,24 +103,37 @@ class Mailer:
         Raises TransientDeliveryError or PermanentDeliveryError.
         """
         with self._lock:
+            reusing = self._reusable()
             try:
                 return self._send_once(message)
-            except smtplib.SMTPServerDisconnected:
-                # A reused connection the server had closed: one fresh attempt.
+            except Exception as err:
+                stale = reusing and _dropped(err) and not self._body_may_be_sent()
                 self.close()
-                try:
-                    return self._send_once(message)
-                except Exception as err:
-                    self.close()
+                if not stale:
                     raise classify(err) from err
+            # A reused connection the server had dropped (an idle timeout), found before
+            # any body went out: one fresh attempt. Never after a body may have gone
+            # (a reply that timed out after DATA is a mail the server may have taken).
+            try:
+                return self._send_once(message)
             except Exception as err:
                 self.close()
                 raise classify(err) from err
 
+    def _reusable(self) -> bool:
+        """An open connection that _open will not drop as idle."""
+        idle = self.app.config["MAIL_IDLE_TIMEOUT"]
+        return self._connection is not None and time.monotonic() - self._last_used <= idle
+
+    def _body_may_be_sent(self) -> bool:
+        host = self._connection.host if self._connection is not None else None
+        return host is None or getattr(host, "body_may_be_sent", True)
+
     def _send_once(self, message: Message) -> dict[str, str]:
         connection = self._open()
         host = connection.host
-        assert host is not None
+        assert isinstance(host, _BodyTracking)
+        host.body_may_be_sent = False
         recipients = [_envelope(address) for address in message.send_to]
         # Connected, but maybe not greeted yet (no STARTTLS or login): EHLO says what it offers.
         host.ehlo_or_helo_if_needed()
@@ -200,6 +234,8 @@ def _sendmail_pipelined(
     else:
         code, text = replies[-1]
         if code == 354:
+            if isinstance(host, _BodyTracking):
+                host.body_may_be_sent = True
             body = _quote_periods(msg)
             host.send(body + (b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n"))
             body_sent = True
@@ -210,9 +246,18 @@ def _sendmail_pipelined(
     if code == 421 or (replies[-1][0] == 354 and not body_sent):
         host.close()  # closing is the only way to abort a DATA the server has accepted
     elif host.sock is not None:
-        with contextlib.suppress(smtplib.SMTPServerDisconnected):
+        # Whatever RSET meets, the transaction's own error is the one to report.
+        with contextlib.suppress(smtplib.SMTPException, OSError):
             host.rset()
     raise error
+
+
+def _dropped(err: BaseException) -> bool:
+    """The server had closed the connection: no reply, or its 421 to MAIL FROM (how
+    some servers announce an idle timeout before hanging up)."""
+    return isinstance(err, smtplib.SMTPServerDisconnected) or (
+        isinstance(err, smtplib.SMTPSenderRefused) and err.smtp_code == 421
+    )
 
 
 def _quoted(address: str) -> str:

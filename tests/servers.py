@@ -135,6 +135,7 @@ class RecordingHandler:
         self.hang_seconds = 0.0
         self.pipelining = True
         self.refuse_mail: str | None = None  # reply to MAIL FROM instead of 250
+        self.mail_replies: list[str] = []  # one-shot replies to the next MAIL FROMs, in order
         self.data_command_reply: str | None = None  # reply to the DATA command instead of 354
         self.connections: list[SMTP] = []  # one per EHLO
 
@@ -150,6 +151,8 @@ class RecordingHandler:
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
+        if self.mail_replies:
+            return self.mail_replies.pop(0)
         if self.refuse_mail:
             return self.refuse_mail
         envelope.mail_from = address
@@ -206,6 +209,7 @@ class RecordingHandler:
         self.hang_seconds = 0.0
         self.pipelining = True
         self.refuse_mail = None
+        self.mail_replies = []
         self.data_command_reply = None
         self.connections = []
 

@@ -152,6 +152,48 @@ def test_a_connection_the_server_dropped_is_reopened_once(
     assert len(smtp_server.handler.connections) == 2
 
 
+def test_a_reply_that_times_out_after_the_body_is_not_sent_again(
+    app_ctx: Flask, smtp_server: SMTPServer, pipelining: bool
+) -> None:
+    """The server may have taken a mail whose reply never came: the send fails
+    (transient: the job retries after its lease, checking the record first) and
+    is not repeated at once on a new connection, reused or not."""
+    app_ctx.config["MAIL_TIMEOUT"] = 0.3
+    mailer = get_mailer()
+    mailer.send(message(ANN))  # the connection is open and reused below
+    smtp_server.handler.hang_seconds = 1.0  # the reply to the end of DATA comes too late
+    with pytest.raises(TransientDeliveryError, match="SMTP"):
+        mailer.send(message(BOB))
+    # A second attempt would have opened a second connection inside send().
+    assert len(smtp_server.handler.connections) == 1
+    smtp_server.handler.hang_seconds = 0.0
+    assert mailer.send(message(BOB)) == {}  # the job's retry, later
+    assert [m.rcpt_tos for m in smtp_server.wait_for(2)] == [[ANN], [BOB]]
+    assert len(smtp_server.handler.connections) == 2
+
+
+def test_a_421_to_mail_from_on_a_reused_connection_is_retried_on_a_new_one(
+    app_ctx: Flask, smtp_server: SMTPServer, pipelining: bool
+) -> None:
+    """How some servers announce an idle timeout: nothing of the mail went out yet."""
+    mailer = get_mailer()
+    mailer.send(message(ANN))
+    smtp_server.handler.mail_replies = ["421 4.4.2 idle too long, closing"]
+    assert mailer.send(message(BOB)) == {}
+    assert [m.rcpt_tos for m in smtp_server.wait_for(2)] == [[ANN], [BOB]]
+    assert len(smtp_server.handler.connections) == 2
+
+
+def test_a_new_connection_that_fails_is_not_tried_again_at_once(
+    app_ctx: Flask, smtp_server: SMTPServer, pipelining: bool
+) -> None:
+    smtp_server.handler.mail_replies = ["421 4.3.2 shutting down"]
+    with pytest.raises(TransientDeliveryError, match="421"):
+        get_mailer().send(message(ANN))
+    assert len(smtp_server.handler.connections) == 1
+    assert get_mailer().send(message(BOB)) == {}
+
+
 def outcome_of(send: Callable[[], dict[str, tuple[int, bytes]]]) -> object:
     try:
         return send()

@@ -30,6 +30,7 @@ from app.errors import DeliveryError, MailInFlightError, TransientDeliveryError
 from app.mail import build_message
 from app.queues import get_redis
 from app.smtp import get_mailer
+from jobs.mail import record_sent
 
 log = logging.getLogger("mailqueue.jobs.digest")
 
@@ -180,15 +181,17 @@ def _deliver(
     after = _digest(following) if following is not None and following.items else None
     _emit(events.SENDING, record.id, attempt, items=len(claim.items))
     refused = get_mailer().send(message)
-    reply = digests.settle(
-        redis,
-        claim.email,
-        claim.period,
-        mode="sent",
-        mail_id=record.id,
-        mail_status=status.SENT,
-        then_begin=(after.record, lease) if after is not None else None,
-        refused=refused,
+    reply = record_sent(
+        lambda: digests.settle(
+            redis,
+            claim.email,
+            claim.period,
+            mode="sent",
+            mail_id=record.id,
+            mail_status=status.SENT,
+            then_begin=(after.record, lease) if after is not None else None,
+            refused=refused,
+        )
     )
     _emit(events.SENT, record.id, attempt, refused=len(refused) or None)
     return "sent", _Begun(after, reply) if after is not None else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import redis.exceptions
 from flask import current_app
@@ -26,6 +27,8 @@ log = logging.getLogger("mailqueue.jobs.mail")
 # (e.g. across a Redis restart): an unrecorded acceptance is the one way a mail
 # can go out twice.
 RECORD_SENT_SECONDS = 20.0
+
+T = TypeVar("T")
 
 
 def deliver(mail_id: str) -> str:
@@ -68,7 +71,7 @@ def deliver(mail_id: str) -> str:
         # A template that cannot render is a bug, not an outage: fail at once.
         _record_failure(redis, record, DeliveryError(f"{type(err).__name__}: {err}"), final=True)
         raise
-    _persist(
+    record_sent(
         lambda: status.finish(
             redis,
             mail_id,
@@ -145,14 +148,14 @@ def _record_failure(
         _emit(events.FAILED, record, error=type(err).__name__, reason=str(err))
 
 
-def _persist(write: Callable[[], None]) -> None:
-    """Run `write`, retrying Redis connection errors for up to RECORD_SENT_SECONDS."""
+def record_sent(write: Callable[[], T]) -> T:
+    """Run `write` (the step that records an accepted mail as sent: a delivery's or a
+    digest's), retrying Redis connection errors for up to RECORD_SENT_SECONDS."""
     deadline = time.monotonic() + RECORD_SENT_SECONDS
     delay = 0.05
     while True:
         try:
-            write()
-            return
+            return write()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
             if time.monotonic() + delay > deadline:
                 raise

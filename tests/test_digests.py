@@ -16,6 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+import redis.exceptions
 import time_machine
 from flask import Flask
 from redis import Redis
@@ -401,6 +402,38 @@ def test_a_crash_after_claiming_the_next_digest_ahead_sends_it_once_its_lease_la
     record = status.load(redis_client, b_id)
     assert record is not None and record.status == status.SENT and record.attempts == 2
     assert redis_client.exists(digests.claimed_key(b.email, "2026-11-27")) == 0
+
+
+def test_a_digest_accepted_during_a_short_redis_outage_is_recorded_once(
+    app_ctx: Flask, smtp_server: SMTPServer, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for transactional mail: the settle that records `sent` is retried through a
+    brief outage, so the accepted digest is not sent again after its lease."""
+    real_settle = digests.settle
+    failures: list[str] = []
+
+    def settle_flaky(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("mail_status") == status.SENT and len(failures) < 3:
+            failures.append("down")
+            raise redis.exceptions.ConnectionError("Redis restarting")
+        return real_settle(*args, **kwargs)
+
+    monkeypatch.setattr(digests, "settle", settle_flaky)
+    emails = ["a@example.com", "b@example.com"]
+    with time_machine.travel(utc("2026-11-27T09:00"), tick=False):
+        for email in emails:
+            _due_subscriber(email)
+            digests.add_item(email, f"For {email}")
+        assert send_digests([[e, "2026-11-27"] for e in emails]) == {"sent": 2}
+    assert len(failures) == 3
+    received = smtp_server.wait_for(2)
+    assert sorted(r.rcpt_tos[0] for r in received) == emails
+    for email in emails:
+        sub = digests.get_subscriber(email)
+        assert sub is not None
+        record = status.load(redis_client, digests.digest_mail_id(email, "2026-11-27", sub.gen))
+        assert record is not None and record.status == status.SENT and record.attempts == 1
+        assert redis_client.exists(digests.claimed_key(email, "2026-11-27")) == 0
 
 
 def test_items_arriving_during_a_send_go_to_the_next_digest(

@@ -252,7 +252,10 @@ def validate_item(
             raise InvalidItemError(
                 "url", f"must be a string of at most {MAX_URL_LENGTH} characters"
             )
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # e.g. "http://[abc/x": an unclosed IPv6 bracket
+            raise InvalidItemError("url", "must be an absolute http or https URL") from None
         if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
             raise InvalidItemError("url", "must be an absolute http or https URL")
         if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):

@@ -412,7 +412,7 @@ def prepare(
     check_header("subject", subject)
     if len(subject) > MAX_SUBJECT_LENGTH:
         raise InvalidMailError("subject", f"longer than {MAX_SUBJECT_LENGTH} characters")
-    if template not in checks.templates:
+    if not isinstance(template, str) or template not in checks.templates:
         check_template(template)
         checks.templates.add(template)
     context, context_json = validate_context(context, checks.max_context_bytes)
@@ -808,11 +808,19 @@ def check_template(template: Any) -> None:
         ) from None
 
 
+RESERVED_CONTEXT_KEYS = frozenset({"template", "template_name_or_list"})
+
+
 def validate_context(context: Mapping[str, Any], max_bytes: int) -> tuple[dict[str, Any], str]:
     """A JSON round trip: what the worker renders is exactly what JSON can carry.
     Returns the decoded context and its JSON (what the record stores)."""
     if not isinstance(context, Mapping):
         raise InvalidContextError("context", "must be an object")
+    taken = RESERVED_CONTEXT_KEYS.intersection(context)
+    if taken:
+        # They would collide with render_email's and render_template's own parameters:
+        # the mail would be accepted here and fail for good in the worker.
+        raise InvalidContextError("context", f"{sorted(taken)[0]!r} is a reserved name")
     _check_depth(context)
     try:
         encoded = _strict_json(context)
@@ -851,7 +859,10 @@ def resolve_send_at(send_at: datetime | None, delay: timedelta | float | None) -
     if delay is not None:
         if isinstance(delay, bool) or not isinstance(delay, timedelta | int | float):
             raise InvalidScheduleError("delay", "expected seconds or a timedelta")
-        seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+        try:
+            seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+        except OverflowError:  # an int too large for a float
+            raise InvalidScheduleError("delay", "must be between 0 and 366 days") from None
         if not 0 <= seconds <= 366 * 86400:
             raise InvalidScheduleError("delay", "must be between 0 and 366 days")
         return datetime.now(UTC) + timedelta(seconds=seconds) if seconds > 0 else None
@@ -861,7 +872,10 @@ def resolve_send_at(send_at: datetime | None, delay: timedelta | float | None) -
         raise InvalidScheduleError("send_at", "expected a datetime")
     if send_at.tzinfo is None or send_at.utcoffset() is None:
         raise InvalidScheduleError("send_at", "must be timezone-aware (e.g. 2030-01-01T09:00Z)")
-    when = send_at.astimezone(UTC)
+    try:
+        when = send_at.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00: before year 1 in UTC
+        raise InvalidScheduleError("send_at", "out of range") from None
     if when - datetime.now(UTC) > timedelta(days=366):
         raise InvalidScheduleError("send_at", "more than a year ahead")
     return when if when > datetime.now(UTC) else None

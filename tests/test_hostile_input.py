@@ -64,15 +64,21 @@ HOSTILE: list[tuple[str, dict[str, Any], str]] = [
     ("template upper case", {"template": "TEST"}, "template"),
     ("template that does not exist", {"template": "nope"}, "template"),
     ("template layout partial", {"template": "_layout"}, "template"),
+    ("template as a list", {"template": ["test"]}, "template"),
+    ("context key template", {"context": {"template": "x"}}, "context"),
+    ("context key template_name_or_list", {"context": {"template_name_or_list": 1}}, "context"),
     ("context not an object", {"context": [1, 2]}, "context"),
     ("context too deep", {"context": DEEP}, "context"),
     ("context too large", {"context": {"x": "a" * (300 * 1024)}}, "context"),
     ("send_at naive", {"send_at": "2030-01-01T09:00:00"}, "send_at"),
     ("send_at garbage", {"send_at": "tomorrow"}, "send_at"),
     ("send_at far ahead", {"send_at": "2999-01-01T09:00:00+00:00"}, "send_at"),
+    ("send_at before year 1 in UTC", {"send_at": "0001-01-01T00:00:00+14:00"}, "send_at"),
+    ("send_at after year 9999 in UTC", {"send_at": "9999-12-31T23:59:59-14:00"}, "send_at"),
     ("send_at and delay", {"send_at": "2030-01-01T09:00:00Z", "delay": 5}, "send_at"),
     ("negative delay", {"delay": -1}, "delay"),
     ("huge delay", {"delay": 1e300}, "delay"),
+    ("delay too big for a float", {"delay": 10**400}, "delay"),
     ("boolean delay", {"delay": True}, "delay"),
     ("unknown field", {"bcc": "evil@example.com"}, "bcc"),
     ("missing subject", {"subject": None}, "subject"),
@@ -106,6 +112,8 @@ def test_send_email_refuses_the_same_input(app_ctx: Flask, redis_client: Redis) 
         send_email("ann@example.com", "Hi", "../../etc/passwd")
     with pytest.raises(InvalidMailError):
         send_email("ann@example.com", "Hi", "test", obj=object())
+    with pytest.raises(InvalidMailError):
+        send_email("ann@example.com", "Hi", ["test"])  # type: ignore[arg-type]
     assert snapshot(redis_client) == before
 
 
@@ -362,6 +370,7 @@ def test_hostile_subscriber_is_refused_and_nothing_written(
         ({"title": ""}, "title"),
         ({"title": "x" * 201}, "title"),
         ({"title": "ok", "url": "javascript:alert(1)"}, "url"),
+        ({"title": "ok", "url": "http://[abc/x"}, "url"),
         ({"title": "ok", "url": "https://x.example/" + "a" * 3000}, "url"),
         ({"title": "ok", "kind": "../x"}, "kind"),
         ({"title": "ok", "body": "b" * 2001}, "body"),

@@ -7,6 +7,7 @@ works a single job.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -47,6 +48,8 @@ def _float_parser(low: float = 0.0) -> Callable[[str, str], float]:
             value = float(raw.strip())
         except ValueError:
             raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
+        if not math.isfinite(value):  # nan and inf parse as floats; no setting means them
+            raise ConfigError(f"{key}: expected a finite number, got {raw!r}")
         if value < low:
             raise ConfigError(f"{key}: must be at least {low}, got {value}")
         return value
@@ -95,8 +98,13 @@ def _intervals(key: str, raw: str) -> list[int]:
 
 def _url(schemes: tuple[str, ...]) -> Callable[[str, str], str]:
     def parse(key: str, raw: str) -> str:
-        parts = urlsplit(raw.strip())
-        if parts.scheme not in schemes or not parts.netloc:
+        try:
+            parts = urlsplit(raw.strip())
+            parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a {'/'.join(schemes)} URL, got {raw!r}") from None
+        where = parts.path if parts.scheme == "unix" else parts.netloc  # unix:///run/redis.sock
+        if parts.scheme not in schemes or not where:
             raise ConfigError(f"{key}: expected a {'/'.join(schemes)} URL, got {raw!r}")
         return raw.strip().rstrip("/")
 

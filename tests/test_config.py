@@ -87,12 +87,17 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({"MAIL_USE_TLS": "1", "MAIL_USE_SSL": "1"}, "MAIL_USE_TLS and MAIL_USE_SSL"),
         ({"MAIL_USERNAME": "only-user"}, "MAIL_USERNAME and MAIL_PASSWORD"),
         ({"MAIL_TIMEOUT": "soon"}, "MAIL_TIMEOUT"),
+        ({"MAIL_TIMEOUT": "nan"}, "MAIL_TIMEOUT"),
+        ({"MAIL_MAX_PER_SECOND": "inf"}, "MAIL_MAX_PER_SECOND"),
         ({"MAIL_RETRY_INTERVALS": "15,x"}, "MAIL_RETRY_INTERVALS"),
         ({"MAIL_RETRY_INTERVALS": "0"}, "MAIL_RETRY_INTERVALS"),
         ({"MAIL_STATUS_TTL": "10"}, "MAIL_STATUS_TTL"),
         ({"MAIL_TLS_CA_FILE": "/nonexistent/ca.pem"}, "MAIL_TLS_CA_FILE"),
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://localhost:port/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "unix://"}, "REDIS_URL"),
         ({"PUBLIC_URL": "example.com"}, "PUBLIC_URL"),
+        ({"PUBLIC_URL": "http://[::1"}, "PUBLIC_URL"),
         ({"MAIL_DEFAULT_SENDER": "a@example.com\nBcc: x@example.com"}, "MAIL_DEFAULT_SENDER"),
         ({"FLASK_MAIL_SUBJECT_PREFIX": "[x]\r\n"}, "MAIL_SUBJECT_PREFIX"),
     ],
@@ -107,6 +112,11 @@ def test_malformed_value_stops_create_app_naming_the_key(
     message = str(caught.value)
     assert message.startswith(key), message
     assert "\n" not in message
+
+
+def test_a_unix_socket_redis_url_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "unix:///run/redis/redis.sock?db=2")
+    assert create_app().config["REDIS_URL"] == "unix:///run/redis/redis.sock?db=2"
 
 
 def test_worker_fails_at_start_up_not_at_the_first_job(monkeypatch: pytest.MonkeyPatch) -> None:

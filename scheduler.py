@@ -17,8 +17,9 @@ rq-scheduler 0.14 is kept behind this file; the traps it sets are handled here:
 - crontab warns (FutureWarning) on every cron() call and every cycle: that one
   warning is filtered, nothing else.
 - Its loop dies on the first Redis error, and a Redis restarted empty (or flushed)
-  loses the registrations for good: PeriodicScheduler re-asserts them every cycle,
-  and serve() runs the loop again after an outage, with backoff, until stopped.
+  loses the registrations for good: PeriodicScheduler registers them again on the
+  first cycle that misses one, and serve() runs the loop again after an outage,
+  with backoff, until stopped.
 """
 
 from __future__ import annotations
@@ -100,16 +101,22 @@ def quiet_crontab() -> None:
 
 
 class PeriodicScheduler(Scheduler):
-    """rq-scheduler's loop, with PERIODIC re-asserted on every cycle that holds the
-    lock (register() keeps what is there: one ZRANGE, one HMGET), and a stop signal
-    that exits even when Redis cannot be told."""
+    """rq-scheduler's loop, registering PERIODIC again on any cycle (that holds the
+    lock) that finds one of them missing, and a stop signal that exits even when
+    Redis cannot be told."""
 
     stopping = False
 
     def enqueue_jobs(self) -> Any:
-        for job_id, action in register(self).items():
-            if action != "kept":  # Redis lost it (restarted empty, flushed) or it changed
-                log.warning("periodic job %s: %s again", job_id, action)
+        # Only when one is missing (Redis restarted empty, or flushed): a registration
+        # that differs is another version's during a deploy overlap, and replacing it
+        # every cycle would keep pushing the dispatch past its next cron tick.
+        ids = [job.id for job in PERIODIC]
+        scores: Any = self.connection.zmscore(self.scheduled_jobs_key, ids)
+        if None in scores:
+            for job_id, action in register(self).items():
+                if action != "kept":
+                    log.warning("periodic job %s: %s again", job_id, action)
         return super().enqueue_jobs()
 
     def _install_signal_handlers(self) -> None:

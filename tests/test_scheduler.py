@@ -105,6 +105,36 @@ def test_a_changed_definition_is_registered_again(app_ctx: Flask, redis_client: 
     assert list(registrations(redis_client)) == [DISPATCH_ID]
 
 
+def test_a_cycle_registers_what_is_missing_and_leaves_another_versions_registration(
+    app_ctx: Flask, redis_client: Redis
+) -> None:
+    """During a deploy overlap the other version's definition stays until that version
+    stops (replacing it every cycle would push the dispatch past every tick); one that
+    is gone (Redis restarted empty, flushed) comes back on the next cycle."""
+    sched = scheduler_module.make_scheduler(redis_client)
+    other_version = (
+        scheduler_module.Periodic(
+            id=DISPATCH_ID,
+            cron="*/10 * * * *",
+            func=digests.DISPATCH_JOB,
+            queue="digests",
+            timeout=240,
+            description="another version's dispatch",
+        ),
+    )
+    scheduler_module.register(sched, other_version)
+    before = registrations(redis_client)
+    sched.enqueue_jobs()
+    assert registrations(redis_client) == before
+    assert JSONJob.fetch(DISPATCH_ID, connection=redis_client).description == (
+        "another version's dispatch"
+    )
+    redis_client.zrem(SCHEDULED, DISPATCH_ID)
+    sched.enqueue_jobs()
+    assert list(registrations(redis_client)) == [DISPATCH_ID]
+    assert scheduler_module.register(sched) == {DISPATCH_ID: "kept"}  # this version's
+
+
 def test_the_scheduled_dispatch_runs_on_the_json_worker_and_sends_digests(
     app_ctx: Flask, redis_client: Redis, work: Any, smtp_server: SMTPServer
 ) -> None:

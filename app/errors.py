@@ -64,7 +64,8 @@ class UnknownMailError(MailQueueError, LookupError):
 
 
 class MailNotFailedError(MailQueueError, ValueError):
-    """Only a failed mail can be re-queued by an operator."""
+    """Only a failed mail can be re-queued by an operator, and not a digest (its
+    items went back to the subscriber for the next one)."""
 
 
 class DeliveryError(MailQueueError):

@@ -666,6 +666,12 @@ def requeue_failed(mail_id: str) -> status.MailRecord:
         raise UnknownMailError(f"no mail {mail_id} (purged or expired?)")
     if record.status != status.FAILED:
         raise MailNotFailedError(f"mail {mail_id} is {record.status}, not failed")
+    if record.kind == "digest":
+        # It renders from claimed items, not from its record: as a mail job it could
+        # only fail again. Its items went back to the subscriber when it failed.
+        raise MailNotFailedError(
+            f"mail {mail_id} is a digest: its items go out with the subscriber's next digest"
+        )
     record.status = status.QUEUED
     record.send_at = ""
     record.last_error = ""

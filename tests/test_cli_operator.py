@@ -13,7 +13,7 @@ from flask import Flask
 from redis import Redis
 from rq.job import Job
 
-from app import status
+from app import digests, status
 from app.mail import send_email
 from app.progress import Progress
 from app.queues import MAIL_QUEUE, get_queue
@@ -100,6 +100,25 @@ def test_retry_all_and_what_it_skips(
     assert "no mail 00000000000000000000000000000000" in output
     assert output.splitlines()[-1].startswith("0 re-queued, 2 skipped in ")
     assert cli(app_ctx, "retry")[0] == 2  # usage error: an ID or --all
+
+
+def test_retry_skips_a_failed_digest_whose_items_wait_for_the_next_one(
+    app_ctx: Flask, smtp_server: SMTPServer, work: Callable[[], object], redis_client: Redis
+) -> None:
+    with time_machine.travel(datetime(2026, 11, 27, 9, tzinfo=UTC), tick=False):
+        digests.upsert_subscriber("ann@example.com", "UTC", "daily", 8)
+        digests.add_item("ann@example.com", "Hello")
+        smtp_server.handler.reply = "550 5.1.1 mailbox unavailable"
+        assert digests.dispatch_due().enqueued == 1
+        work()
+        smtp_server.handler.reply = None
+    [digest_id] = status.failed_ids(redis_client)
+    code, output = cli(app_ctx, "retry", "--all")
+    assert code == 0
+    assert f"skipped {digest_id}: mail {digest_id} is a digest: its items go out" in output
+    assert output.splitlines()[-1].startswith("0 re-queued, 1 skipped in ")
+    assert redis_client.llen(digests.items_key("ann@example.com")) == 1  # kept for the next
+    assert get_queue(MAIL_QUEUE).count == 0
 
 
 def test_purge_removes_only_finished_mail_older_than_the_cutoff(

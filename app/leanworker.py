@@ -78,9 +78,19 @@ THROTTLE_SECONDS = 1.0
 # Jobs claimed per pop (1 turns claiming off). Bounded so a batch is short (each
 # mail takes about a millisecond) and a second worker gets its share.
 BATCH_SIZE = 16
-# A batch's claimed jobs wait in the intermediate list, where maintenance takes an id
-# seen on two passes at least 10 s apart for stranded: stop a batch well before that.
+# A batch starts no new job after this long: its claimed jobs wait in the intermediate
+# list, and maintenance (AppWorker.requeue_stranded) allows a mail job that waits
+# BATCH_SECONDS plus one job's timeout before it takes it for stranded.
 BATCH_SECONDS = 2.0
+
+# KEYS: intermediate list, queue, the id's first-seen mark. ARGV: a job id. Moves it
+# back to the head of the queue only if it is still in the list (whoever moves it first).
+PUT_BACK = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1
+"""
 
 # KEYS: queue, its intermediate list. ARGV: how many. Pops like AppQueue.dequeue_any.
 _CLAIM = """
@@ -210,6 +220,9 @@ class LeanJobs(BaseWorker):
             self._write_pending(writes)
             self.execution = Execution.create(job, ttl, pipeline=writes, worker_name=self.name)
             writes.lrem(queue.intermediate_queue_key, 1, job.id)
+            # Maintenance's "first seen waiting" mark, if a pass saw it held in a batch:
+            # left behind, it would make a later wait of the same id look stranded.
+            writes.delete(queue.intermediate_queue.get_first_seen_key(job.id))
             self.set_state(WorkerStatus.BUSY, pipeline=writes)
             self.set_current_job_id(job.id, pipeline=writes)
             self.heartbeat(ttl, pipeline=writes)
@@ -243,12 +256,14 @@ class LeanJobs(BaseWorker):
             self.execution = current
 
     def _release(self, jobs: list[Job], queue: Queue) -> None:
-        """Claimed jobs never started go back to the head of their queue, in order."""
+        """Claimed jobs never started go back to the head of their queue, in order;
+        one that maintenance already put back is not pushed a second time."""
         with self.connection.pipeline() as pipeline:
             self._write_pending(pipeline)
             for job in reversed(jobs):
-                pipeline.lrem(queue.intermediate_queue_key, 1, job.id)
-                pipeline.lpush(queue.key, job.id)
+                seen_key = queue.intermediate_queue.get_first_seen_key(job.id)
+                keys = (queue.intermediate_queue_key, queue.key, seen_key)
+                pipeline.eval(PUT_BACK, 3, *keys, job.id)
             pipeline.execute()
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:

@@ -44,7 +44,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 from app import create_app, events, status
 from app.config import load_dotenv_file
 from app.errors import ConfigError
-from app.leanworker import LeanJobs
+from app.leanworker import BATCH_SECONDS, PUT_BACK, LeanJobs
 from app.mail import DELIVER_JOB
 from app.queues import MAIL_QUEUE, get_redis
 
@@ -65,14 +65,6 @@ MAINTENANCE_LOCK_SECONDS = 30
 # delivery lease's grace (status.LEASE_GRACE_SECONDS), so while the started-registry
 # entry lives, the lease does too and no second worker can send the same mail.
 JOB_GRACE_SECONDS = status.LEASE_GRACE_SECONDS
-# KEYS: intermediate list, queue, first-seen mark. ARGV: job id. Moves the id back to
-# the front of its queue only if it is still in the intermediate list (so never twice).
-_PUT_BACK = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('LPUSH', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[3])
-return 1
-"""
 # Where the failed-registry reconciliation got to, per queue (a registry score).
 RECONCILED_KEY = "mq:reconciled:{}"
 
@@ -267,10 +259,13 @@ class AppWorker(LeanJobs, SimpleWorker):
         Replaces RQ's IntermediateQueue.cleanup, which fails them through the retry
         path (spending a retry and a retry interval) after a hard-coded minute, and
         keeps its first-seen marks for 24 h (a job id re-popped later looks stuck at
-        once). A live worker holds a popped job for milliseconds, so an entry seen
-        on two passes at least max(10 s, maintenance interval) apart is stranded.
+        once). An entry seen on two passes at least `grace` apart is stranded: a live
+        worker holds a popped job for milliseconds, but a mail job claimed in a batch
+        (app/leanworker.py) may wait behind one slow job for its whole timeout.
         """
         grace = max(10, self.maintenance_interval)
+        if queue.name == MAIL_QUEUE:
+            grace = max(grace, self.app.config["MAIL_JOB_TIMEOUT"] + int(BATCH_SECONDS) + 10)
         stranded: Any = self.connection.lrange(queue.intermediate_queue_key, 0, -1)
         for raw in stranded:
             job_id = raw.decode()
@@ -287,7 +282,7 @@ class AppWorker(LeanJobs, SimpleWorker):
             if stamp - first_seen < grace:
                 continue
             keys = [queue.intermediate_queue_key, queue.key, seen_key]
-            if self.connection.eval(_PUT_BACK, 3, *keys, job_id):
+            if self.connection.eval(PUT_BACK, 3, *keys, job_id):
                 self.log.warning("Worker %s: re-queued stranded job %s", self.name, job_id)
 
     def reconcile_failed(self, queue: Queue) -> None:

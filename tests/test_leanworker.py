@@ -131,6 +131,39 @@ def test_a_warm_shutdown_mid_batch_puts_the_unstarted_jobs_back_in_order(
     assert sorted(r.message_id for r in received) == sorted(f"<{i}@example.com>" for i in ids)
 
 
+def test_a_batch_and_maintenance_never_queue_a_claimed_job_twice(
+    app_ctx: Flask,
+    smtp_server: SMTPServer,
+    redis_client: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pass saw claimed jobs waiting behind a slow one: its mark goes when the job
+    starts, and one it put back (as stranded) is not pushed again by the batch."""
+    ids = [send_email(f"user{i}@example.com", "Hi", "test").id for i in range(6)]
+    worker = AppWorker(["mail", "digests"])
+    q = queue(redis_client)
+    seen = q.intermediate_queue.get_first_seen_key
+    original = jobs.mail.deliver
+    calls: list[str] = []
+
+    def deliver_slowly(mail_id: str) -> Any:
+        calls.append(mail_id)
+        if len(calls) == 1:
+            redis_client.set(seen(ids[1]), 1)  # a pass saw ids[1] waiting
+        if len(calls) == 2:
+            keys = (q.intermediate_queue_key, q.key, seen(ids[3]))
+            assert redis_client.eval(leanworker.PUT_BACK, 3, *keys, ids[3]) == 1
+            worker._stop_requested = True
+        return original(mail_id)
+
+    monkeypatch.setattr(jobs.mail, "deliver", deliver_slowly)
+    worker.work(burst=True, logging_level="WARNING")
+    assert calls == ids[:2]
+    assert not redis_client.exists(seen(ids[1]))
+    assert sorted(q.get_job_ids()) == sorted(ids[2:])  # each once
+    assert redis_client.llen(q.intermediate_queue_key) == 0
+
+
 def test_rq_per_job_info_lines_are_debug(
     app_ctx: Flask,
     smtp_server: SMTPServer,

@@ -3,10 +3,13 @@
 Data in Redis (the web process writes, the dispatcher and digest jobs read):
 
 - `mq:sub:<email>` hash: timezone, frequency (daily|weekly|off), hour, weekday;
-  `last_period` (the last period a digest job handled), `dispatched` (the last
-  period handed to a digest job), `claimed` (the period whose claimed items
-  exist), `gen` (random per subscriber life, part of digest mail ids), created,
-  updated.
+  per kind of period, `last_daily`/`last_weekly` (the last one a digest job
+  handled) and `dispatched_daily`/`dispatched_weekly` (the last one handed to a
+  digest job), kept apart so that switching daily -> weekly -> daily never
+  forgets what was sent; `last_period` and `dispatched` (the latest of either
+  kind: what the API shows, and all that subscribers written before the per-kind
+  fields have); `claimed` (the period whose claimed items exist), `gen` (random
+  per subscriber life, part of digest mail ids), created, updated.
 - `mq:digest:due` zset: email -> UTC epoch when the subscriber's next unhandled
   period is due. Only daily/weekly subscribers are in it, so finding who is due
   is one ZRANGEBYSCORE: the cost grows with those due, not with all subscribers.
@@ -111,6 +114,15 @@ def is_weekly_period(period: str) -> bool:
 
 def _same_kind(a: str, b: str) -> bool:
     return is_weekly_period(a) == is_weekly_period(b)
+
+
+def _latest(kind: str, own: str, legacy: str) -> str:
+    """A kind's mark: its own field, or the one-for-both field (`last_period`,
+    `dispatched`) when that holds a later period of this kind (a subscriber
+    written before the per-kind fields)."""
+    if legacy and (WEEKLY if is_weekly_period(legacy) else DAILY) == kind and legacy > own:
+        return legacy
+    return own
 
 
 def is_after(period: str, other: str | None) -> bool:
@@ -308,8 +320,12 @@ class Subscriber:
 
     email: str
     schedule: Schedule
-    last_period: str = ""
+    last_period: str = ""  # the latest of either kind (display)
     dispatched: str = ""
+    last_daily: str = ""
+    last_weekly: str = ""
+    dispatched_daily: str = ""
+    dispatched_weekly: str = ""
     claimed: str = ""
     gen: str = ""
     created: str = ""
@@ -329,11 +345,27 @@ class Subscriber:
             schedule=schedule,
             last_period=data.get("last_period", ""),
             dispatched=data.get("dispatched", ""),
+            last_daily=data.get("last_daily", ""),
+            last_weekly=data.get("last_weekly", ""),
+            dispatched_daily=data.get("dispatched_daily", ""),
+            dispatched_weekly=data.get("dispatched_weekly", ""),
             claimed=data.get("claimed", ""),
             gen=data.get("gen", ""),
             created=data.get("created", ""),
             updated=data.get("updated", ""),
         )
+
+    def marks(self, frequency: str | None = None) -> tuple[str, str]:
+        """(last handled, last dispatched) period of `frequency`'s kind (default: the
+        subscriber's own); none for `off`."""
+        kind = frequency or self.schedule.frequency
+        if kind == DAILY:
+            own = (self.last_daily, self.dispatched_daily)
+        elif kind == WEEKLY:
+            own = (self.last_weekly, self.dispatched_weekly)
+        else:
+            return "", ""
+        return _latest(kind, own[0], self.last_period), _latest(kind, own[1], self.dispatched)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -418,7 +450,7 @@ def _write_schedule(
                 if schedule.frequency == OFF:
                     pipe.zrem(DUE_KEY, email)
                 elif old is None or old.schedule != schedule or not in_index:
-                    handled = (old.last_period, old.dispatched) if old else ()
+                    handled = old.marks(schedule.frequency) if old else ()
                     _period, due = schedule.next_send(_aware(now), *handled)
                     pipe.zadd(DUE_KEY, {email: due.timestamp()})
                 pipe.execute()
@@ -514,7 +546,18 @@ class DispatchResult:
         return asdict(self)
 
 
-_SUB_FIELDS = ("timezone", "frequency", "hour", "weekday", "last_period", "dispatched")
+_SUB_FIELDS = (
+    "timezone",
+    "frequency",
+    "hour",
+    "weekday",
+    "last_period",
+    "dispatched",
+    "last_daily",
+    "last_weekly",
+    "dispatched_daily",
+    "dispatched_weekly",
+)
 
 
 def count_due(now: datetime | None = None) -> int:
@@ -603,11 +646,12 @@ def _evaluate(
     cache: dict[tuple[Schedule, str, str], tuple[str | None, float]],
 ) -> tuple[str | None, float | None]:
     """(period to send now or None, next due epoch or None to leave the index)."""
-    timezone, frequency, hour, weekday, last, dispatched = (
-        v.decode() if v is not None else "" for v in row
-    )
+    fields = dict(zip(_SUB_FIELDS, (v.decode() if v is not None else "" for v in row), strict=True))
+    timezone, frequency, hour, weekday = (fields[name] for name in _SUB_FIELDS[:4])
     if frequency not in (DAILY, WEEKLY):
         return None, None  # deleted or off since it was indexed
+    last = _latest(frequency, fields[f"last_{frequency}"], fields["last_period"])
+    dispatched = _latest(frequency, fields[f"dispatched_{frequency}"], fields["dispatched"])
     try:
         schedule = Schedule(timezone, frequency, int(hour), weekday)
         key = (schedule, last, dispatched)
@@ -879,9 +923,7 @@ def preview(email: str, now: datetime | None = None) -> Preview:
     elif subscriber.claimed and _same_kind(subscriber.claimed, schedule.period_of(_aware(now))):
         period, due = subscriber.claimed, schedule.due_at(subscriber.claimed)
     else:
-        period, due_at = schedule.next_send(
-            _aware(now), subscriber.last_period, subscriber.dispatched
-        )
+        period, due_at = schedule.next_send(_aware(now), *subscriber.marks())
         due = due_at
     context = digest_context(subscriber, period, items)
     return Preview(
@@ -933,9 +975,10 @@ local out = {}
 for _, member in ipairs(members) do
   redis.call('ZADD', KEYS[1], ARGV[2], member)
   local fields = redis.call('HMGET', ARGV[4] .. member,
-    'timezone', 'frequency', 'hour', 'weekday', 'last_period', 'dispatched')
+    'timezone', 'frequency', 'hour', 'weekday', 'last_period', 'dispatched',
+    'last_daily', 'last_weekly', 'dispatched_daily', 'dispatched_weekly')
   out[#out + 1] = member
-  for i = 1, 6 do out[#out + 1] = fields[i] end
+  for i = 1, 10 do out[#out + 1] = fields[i] end
 end
 return out
 """
@@ -962,6 +1005,9 @@ for i = 3, #ARGV, 3 do
     if not before or (string.find(before, '-W', 1, true) ~= nil) ~= weekly or before < period then
       redis.call('HSET', sub, 'dispatched', period)
     end
+    local field = weekly and 'dispatched_weekly' or 'dispatched_daily'
+    local mark = redis.call('HGET', sub, field)
+    if not mark or mark < period then redis.call('HSET', sub, field, period) end
   end
 end
 return 1
@@ -974,10 +1020,12 @@ local weekly = string.find(period, '-W', 1, true) ~= nil
 local function same_kind(other)
   return other and (string.find(other, '-W', 1, true) ~= nil) == weekly
 end
-local f = redis.call('HMGET', KEYS[1], 'frequency', 'last_period', 'claimed')
+local f = redis.call('HMGET', KEYS[1], 'frequency', 'last_period', 'claimed',
+  weekly and 'last_weekly' or 'last_daily')
 if not f[1] then return {'gone'} end
 if f[1] == 'off' then return {'off'} end
 if (f[1] == 'weekly') ~= weekly then return {'stale'} end
+if f[4] and f[4] >= period then return {'handled'} end
 if same_kind(f[2]) and f[2] >= period then return {'handled'} end
 if same_kind(f[3]) and f[3] > period then return {'stale'} end
 local holder = redis.call('GET', KEYS[3])
@@ -1017,6 +1065,9 @@ if exists then
   if not last or (string.find(last, '-W', 1, true) ~= nil) ~= weekly or last < period then
     redis.call('HSET', KEYS[1], 'last_period', period)
   end
+  local field = weekly and 'last_weekly' or 'last_daily'
+  local mark = redis.call('HGET', KEYS[1], field)
+  if not mark or mark < period then redis.call('HSET', KEYS[1], field, period) end
   if redis.call('HGET', KEYS[1], 'claimed') == period then
     redis.call('HDEL', KEYS[1], 'claimed')
   end

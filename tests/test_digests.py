@@ -203,6 +203,67 @@ def test_changing_the_schedule_never_repeats_a_handled_period(app_ctx: Flask) ->
     assert [(d.period, d.at) for d in sent] == [("2026-11-28", utc("2026-11-28T16:00"))]
 
 
+def _send_due() -> dict[str, int]:
+    digests.dispatch_due()
+    counts: Counter[str] = Counter()
+    for pair in queued_pairs():
+        counts.update(send_digests([list(pair)]))
+    return dict(counts)
+
+
+def test_switching_daily_weekly_daily_forgets_nothing_sent(
+    app_ctx: Flask, smtp_server: SMTPServer, redis_client: Redis
+) -> None:
+    """Each kind keeps its own record of what was sent: back on daily the same day,
+    today's digest is not due again (it was sent), and the items that came since go
+    out the next morning, none dropped; back on weekly, the week is not sent twice."""
+    with time_machine.travel(utc("2026-11-25T08:30"), tick=False) as traveller:  # Wed
+        _due_subscriber()
+        digests.add_item(ANN, "Daily one")
+        assert _send_due() == {"sent": 1}
+        traveller.move_to(utc("2026-11-25T10:00"))
+        digests.upsert_subscriber(ANN, "UTC", "weekly", 8, "monday")
+        digests.add_item(ANN, "Weekly one")
+        assert _send_due() == {"sent": 1}  # this ISO week's, due since Monday 08:00
+        traveller.move_to(utc("2026-11-25T11:00"))
+        digests.upsert_subscriber(ANN, "UTC", "daily", 8)
+        digests.add_item(ANN, "After switching back")
+        assert _send_due() == {}  # today's daily went out at 08:30
+        assert redis_client.llen(digests.items_key(ANN)) == 1
+        traveller.move_to(utc("2026-11-26T08:00"))
+        assert _send_due() == {"sent": 1}
+        traveller.move_to(utc("2026-11-26T09:00"))
+        digests.upsert_subscriber(ANN, "UTC", "weekly", 8, "monday")
+        digests.add_item(ANN, "Next week")
+        assert _send_due() == {}  # 2026-W48 went out yesterday
+        traveller.move_to(utc("2026-11-30T08:00"))
+        assert _send_due() == {"sent": 1}
+    received = smtp_server.wait_for(4)
+    texts = [r.part("text/plain") for r in received]
+    for title, text in zip(
+        ["Daily one", "Weekly one", "After switching back", "Next week"], texts, strict=True
+    ):
+        assert title in text
+    sub = digests.get_subscriber(ANN)
+    assert sub is not None and sub.marks() == ("2026-W49", "2026-W49")
+    assert sub.marks("daily") == ("2026-11-26", "2026-11-26")
+
+
+def test_a_subscriber_written_before_per_kind_marks_keeps_its_last_period(
+    app_ctx: Flask, redis_client: Redis
+) -> None:
+    with time_machine.travel(utc("2026-11-27T09:00"), tick=False):
+        _due_subscriber()
+        # As an older version left it: one last_period / dispatched for both kinds.
+        redis_client.hset(
+            digests.sub_key(ANN), mapping={"last_period": "2026-11-27", "dispatched": "2026-11-27"}
+        )
+        assert digests.dispatch_due().enqueued == 0
+        sub = digests.get_subscriber(ANN)
+        assert sub is not None and sub.marks() == ("2026-11-27", "2026-11-27")
+        assert sub.marks("weekly") == ("", "")
+
+
 def test_off_and_deleted_subscribers_are_skipped(app_ctx: Flask, redis_client: Redis) -> None:
     with time_machine.travel(utc("2026-11-27T06:00"), tick=False) as traveller:
         for name in ("a", "b", "c"):

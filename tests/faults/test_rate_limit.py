@@ -13,14 +13,18 @@ pytestmark = pytest.mark.fault
 
 LIMIT = 4
 MAILS = 16
+# The test server stamps a mail when its handler runs, in this (busy) test process: a
+# late stamp can pull two permit windows together. A per-process limit, the failure
+# this guards against, shows twice the limit in any such window.
+STAMP_SLACK = 0.1
 
 
-def busiest_second(stamps: list[float]) -> int:
-    """The most messages received in any one-second window [t, t + 1)."""
+def busiest_second(stamps: list[float], window: float = 1.0) -> int:
+    """The most messages received in any window [t, t + window)."""
     stamps = sorted(stamps)
     best, start = 0, 0
     for end, stamp in enumerate(stamps):
-        while stamp - stamps[start] >= 1.0:
+        while stamp - stamps[start] >= window:
             start += 1
         best = max(best, end - start + 1)
     return best
@@ -36,8 +40,9 @@ def test_two_workers_share_one_limit(tmp_path: Path, report: Report) -> None:
         took = time.monotonic() - started
         lost, duplicated = world.tally(ids)
         assert (lost, duplicated) == (0, 0)
-        peak = busiest_second([m.received_at for m in world.smtp.messages])
-        assert peak <= LIMIT
+        stamps = sorted(m.received_at for m in world.smtp.messages)
+        peak = busiest_second(stamps, 1.0 - STAMP_SLACK)
+        assert peak <= LIMIT, [round(t - stamps[0], 3) for t in stamps]
         assert took >= (MAILS / LIMIT) - 1.5  # the limit held the burst back
         # Both workers sent mail: the limit is shared, not per process. (RQ's per-job
         # "Job OK" lines are DEBUG now, app/leanworker.py: ask each worker's counter.)
@@ -45,7 +50,7 @@ def test_two_workers_share_one_limit(tmp_path: Path, report: Report) -> None:
             int(world.redis.hget(world.worker_key(w) or b"-", "successful_job_count") or 0)
             for w in world.workers
         ]
-        assert all(done), done
+        assert all(done), (done, [w.tail(10) for w in world.workers])
         report.add(
             Row(
                 "provider rate limit",
@@ -54,6 +59,6 @@ def test_two_workers_share_one_limit(tmp_path: Path, report: Report) -> None:
                 lost,
                 duplicated,
                 f"drained in {took:.1f} s",
-                f"busiest one-second window at the server: {peak} mails",
+                f"busiest {1 - STAMP_SLACK:.1f} s window at the server: {peak} mails",
             )
         )

@@ -74,7 +74,8 @@ def test_worker_sigkilled_mid_job_and_after_a_pop(tmp_path: Path, report: Report
                 f"popped job {stranded_back:.0f} s, started job {in_flight_back:.0f} s "
                 "after the kill",
                 "started: MAIL_JOB_TIMEOUT 5 + 30 s grace + maintenance 5 s + retry ~1 s; "
-                "popped: two maintenance passes >= 17 s apart (MAIL_JOB_TIMEOUT 5 + batch 2 + 10 s)",
+                "popped: two maintenance passes >= 17 s apart "
+                "(MAIL_JOB_TIMEOUT 5 + batch 2 + 10 s)",
             )
         )
         assert stranded in ids

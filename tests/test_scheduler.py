@@ -84,20 +84,25 @@ def test_stale_registrations_of_ours_are_removed_and_others_kept(
     assert redis_client.exists(Job.key_for("mailqueue-old-dispatch")) == 0
 
 
-def test_a_changed_definition_is_registered_again(app_ctx: Flask, redis_client: Redis) -> None:
-    sched = scheduler_module.make_scheduler(redis_client)
-    assert scheduler_module.register(sched) == {DISPATCH_ID: "registered"}
-    assert scheduler_module.register(sched) == {DISPATCH_ID: "kept"}
-    changed = (
+def every_ten_minutes(description: str) -> tuple[scheduler_module.Periodic, ...]:
+    """The dispatch as a differing definition (another version's, or a changed one)."""
+    return (
         scheduler_module.Periodic(
             id=DISPATCH_ID,
             cron="*/10 * * * *",
             func=digests.DISPATCH_JOB,
             queue="digests",
             timeout=240,
-            description="every ten minutes",
+            description=description,
         ),
     )
+
+
+def test_a_changed_definition_is_registered_again(app_ctx: Flask, redis_client: Redis) -> None:
+    sched = scheduler_module.make_scheduler(redis_client)
+    assert scheduler_module.register(sched) == {DISPATCH_ID: "registered"}
+    assert scheduler_module.register(sched) == {DISPATCH_ID: "kept"}
+    changed = every_ten_minutes("every ten minutes")
     assert scheduler_module.register(sched, changed) == {DISPATCH_ID: "registered"}
     assert JSONJob.fetch(DISPATCH_ID, connection=redis_client).meta["cron_string"] == (
         "*/10 * * * *"
@@ -112,17 +117,7 @@ def test_a_cycle_registers_what_is_missing_and_leaves_another_versions_registrat
     stops (replacing it every cycle would push the dispatch past every tick); one that
     is gone (Redis restarted empty, flushed) comes back on the next cycle."""
     sched = scheduler_module.make_scheduler(redis_client)
-    other_version = (
-        scheduler_module.Periodic(
-            id=DISPATCH_ID,
-            cron="*/10 * * * *",
-            func=digests.DISPATCH_JOB,
-            queue="digests",
-            timeout=240,
-            description="another version's dispatch",
-        ),
-    )
-    scheduler_module.register(sched, other_version)
+    scheduler_module.register(sched, every_ten_minutes("another version's dispatch"))
     before = registrations(redis_client)
     sched.enqueue_jobs()
     assert registrations(redis_client) == before

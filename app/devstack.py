@@ -10,7 +10,11 @@
 - While it runs, `.local/devstack.env` holds the settings it chose, so another
   shell can `. .local/devstack.env` and use the same Redis and sink.
 - Then runs the Procfile's processes (web, worker, scheduler) with honcho.
-  Ctrl-C (or SIGTERM) stops them, then the sink and Redis it started.
+  Ctrl-C (or SIGTERM, or the terminal hanging up) stops them, then the sink and
+  Redis it started.
+- One stack per `.local/` (a lock file): a second would load this one's Redis
+  data and deliver its queued mail again. The web port is checked before
+  anything starts.
 
 The environment and a `.env` in the working directory are read as the app
 reads them; whatever this sets is exported to every process.
@@ -19,6 +23,7 @@ reads them; whatever this sets is exported to every process.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import secrets
 import shlex
@@ -113,6 +118,50 @@ def find_redis_server() -> str:
     return found
 
 
+@contextmanager
+def single_instance(local: Path) -> Iterator[None]:
+    """Hold `local`/devstack.lock while the stack runs: a second stack on the same
+    folder would start a Redis on this one's append-only file, and its worker would
+    deliver the mail still queued here a second time."""
+    handle = (local / "devstack.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise DevStackError(
+            f"another `make run` is already running on {local} (pid {holder}): "
+            "use that one, or stop it first (Ctrl-C in its terminal)"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()  # the lock goes with it
+
+
+def check_port(host: str, port: str) -> None:
+    """The web server's port, before anything starts (gunicorn would retry it for a
+    while, with the worker already running)."""
+    try:
+        number = int(port)
+    except ValueError:
+        raise DevStackError(f"PORT={port!r} is not a port number") from None
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, number))
+        except OSError as err:
+            raise DevStackError(
+                f"port {number} on {host} is in use ({err.strerror}): stop what holds it, "
+                "or choose another with PORT=..."
+            ) from None
+
+
 def start_redis(stack: ExitStack, local: Path) -> str:
     binary = find_redis_server()
     data = local / "redis"
@@ -197,6 +246,17 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupted)
 
+    def hung_up(signum: int, frame: FrameType | None) -> None:
+        # The terminal closed (or the SSH session dropped): the processes we started run
+        # in their own sessions and never hear of it. Stop as on SIGTERM, with output
+        # going nowhere now that the terminal cannot take it.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
+        os.kill(os.getpid(), signal.SIGTERM)  # ours until honcho runs, then honcho's
+
+    signal.signal(signal.SIGHUP, hung_up)
+
     settings.load_dotenv_file()
     environ = dict(os.environ)
     environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environ.get("PATH", "")])
@@ -208,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ExitStack() as stack:
             local.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(single_instance(local))
+            check_port(environ["WEB_HOST"], environ["PORT"])
             if not environ.get("REDIS_URL"):
                 environ["REDIS_URL"] = start_redis(stack, local)
             if not environ.get("MAIL_SERVER"):

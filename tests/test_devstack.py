@@ -42,11 +42,13 @@ def test_missing_redis_server_says_how_to_install_it(
     monkeypatch.delenv("REDIS_SERVER", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
     monkeypatch.chdir(tmp_path)
-    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setenv("PORT", str(free_port()))
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         code = devstack.main(["--local-dir", str(tmp_path / ".local")])
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     assert code == 1
     output = capsys.readouterr().out
     assert "redis-server not found" in output
@@ -182,3 +184,67 @@ def test_dev_stack_end_to_end(tmp_path: Path) -> None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
+
+
+def start_stack(
+    tmp_path: Path, local: Path, port: int, name: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    log = tmp_path / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.devstack", "--local-dir", str(local)],
+            cwd=tmp_path,
+            env=subprocess_env(PORT=str(port)),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return process, log
+
+
+@pytest.mark.slow
+def test_one_stack_per_folder_and_port_and_a_hang_up_stops_everything(tmp_path: Path) -> None:
+    """A second `make run` on the same .local/ would replay the first one's Redis data
+    and deliver its queued mail again: it is refused, as is a taken web port, before
+    anything starts. Closing the terminal (SIGHUP) stops every process, as Ctrl-C does."""
+    local, port = tmp_path / ".local", free_port()
+    started: list[subprocess.Popen[bytes]] = []
+
+    def stack(folder: Path, web_port: int, name: str) -> tuple[subprocess.Popen[bytes], Path]:
+        process, log = start_stack(tmp_path, folder, web_port, name)
+        started.append(process)
+        return process, log
+
+    try:
+        first, first_log = stack(local, port, "first")
+        assert wait_until(
+            lambda: first.poll() is not None or http(f"http://127.0.0.1:{port}/healthz")[0] == 200,
+            timeout=60,
+            interval=0.2,
+        )
+        assert first.poll() is None, first_log.read_text()
+
+        second, second_log = stack(local, free_port(), "second")
+        assert second.wait(timeout=30) == 1
+        said = second_log.read_text()
+        assert "another `make run` is already running on" in said and str(first.pid) in said
+        assert "redis-server on" not in said  # nothing was started
+        assert (local / "devstack.env").exists()  # the first stack's, left alone
+
+        third, third_log = stack(tmp_path / "other", port, "third")
+        assert third.wait(timeout=30) == 1
+        assert f"port {port} on 127.0.0.1 is in use" in third_log.read_text()
+
+        children = descendants(first.pid)
+        assert len(children) >= 6, first_log.read_text()
+        first.send_signal(signal.SIGHUP)
+        assert first.wait(timeout=30) == 0
+        assert wait_until(lambda: not any(alive(pid) for pid in children), timeout=10), [
+            pid for pid in children if alive(pid)
+        ]
+        assert not (local / "devstack.env").exists()
+    finally:
+        for process in started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

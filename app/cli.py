@@ -78,6 +78,8 @@ def digest_preview(email: str, as_html: bool) -> None:
         shown = digests.preview(email)
     except (InvalidMailError, SubscriberNotFoundError) as err:
         raise click.ClickException(str(err)) from err
+    except redis.exceptions.RedisError as err:
+        raise click.ClickException(f"Redis unavailable: {err}") from err
     due = shown.due.isoformat() if shown.due else "never (frequency off)"
     click.echo(f"To: {shown.email}")
     click.echo(f"Subject: {shown.subject}")

@@ -38,10 +38,21 @@ def test_send_test_refuses_a_bad_address_clearly(
     assert redis_client.dbsize() == 0
 
 
-def test_send_test_says_when_redis_is_down(
-    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["mail", "send-test", "a@example.com"],
+        ["digest", "preview", "a@example.com"],
+        ["digest", "run"],
+        ["mail", "failed"],
+    ],
+    ids=lambda args: " ".join(args[:2]),
+)
+def test_commands_say_in_one_line_when_redis_is_down(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, args: list[str]
 ) -> None:
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
-    result = create_app().test_cli_runner().invoke(args=["mail", "send-test", "a@example.com"])
-    assert result.exit_code != 0
-    assert "Redis unavailable" in result.output
+    result = create_app().test_cli_runner().invoke(args=args)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: Redis unavailable"), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

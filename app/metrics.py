@@ -33,7 +33,7 @@ COUNTERS = (
 )
 
 GAUGES = (
-    ("mailqueue_queue_depth", "Jobs waiting in the queue."),
+    ("mailqueue_queue_depth", "Jobs waiting: in the queue, or popped by a worker and not started."),
     ("mailqueue_queue_scheduled", "Jobs deferred (send_at, delay, retry backoff)."),
     ("mailqueue_queue_started", "Jobs being worked on now."),
     ("mailqueue_queue_failed", "Jobs in RQ's failed registry."),
@@ -54,13 +54,16 @@ def render() -> str:
         pipe.hgetall(status.STATS_KEY)
         for queue in queues:
             queue_sizes(pipe, queue)
-            pipe.lindex(queue.key, 0)  # RQ appends: the head is the oldest waiting job
+            # RQ appends, and a pop moves a job to the end of the intermediate list: each
+            # head is the oldest waiting there.
+            pipe.lindex(queue.key, 0)
+            pipe.lindex(queue.intermediate_queue_key, 0)
         replies: list[Any] = pipe.execute()
     stats: dict[bytes, bytes] = replies[0]
     gauges: dict[str, list[float]] = {}
     heads: list[str | None] = []
     for i, _queue in enumerate(queues):
-        depth, scheduled, started, failed, head = replies[1 + 5 * i : 6 + 5 * i]
+        depth, scheduled, started, failed, *waiting = replies[1 + 6 * i : 7 + 6 * i]
         for name, value in (
             ("mailqueue_queue_depth", depth),
             ("mailqueue_queue_scheduled", scheduled),
@@ -68,8 +71,11 @@ def render() -> str:
             ("mailqueue_queue_failed", failed),
         ):
             gauges.setdefault(name, []).append(value)
-        heads.append(Job.key_for(head.decode()) if head else None)
-    gauges["mailqueue_queue_oldest_age_seconds"] = [round(a, 3) for a in _oldest_ages(redis, heads)]
+        heads += [Job.key_for(head.decode()) if head else None for head in waiting]
+    ages = _oldest_ages(redis, heads)
+    gauges["mailqueue_queue_oldest_age_seconds"] = [
+        round(max(ages[2 * i], ages[2 * i + 1]), 3) for i in range(len(queues))
+    ]
 
     lines: list[str] = []
     counts: dict[str, dict[str, int]] = {outcome: {} for outcome, _, _ in COUNTERS}

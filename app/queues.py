@@ -92,6 +92,9 @@ def get_queue(name: str = MAIL_QUEUE, app: Flask | None = None) -> Queue:
     return queue
 
 
+# KEYS: a queue and its intermediate list: the jobs waiting in both.
+_WAITING = "return redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2])"
+
 # What queue_sizes() reads for a queue, in this order.
 SIZE_NAMES = ("queued", "scheduled", "started", "failed")
 
@@ -99,8 +102,10 @@ SIZE_NAMES = ("queued", "scheduled", "started", "failed")
 def queue_sizes(pipe: Any, queue: Queue) -> None:
     """Queue on `pipe` the four SIZE_NAMES counts of `queue`: plain LLEN/ZCARD, never
     RQ's `.count`/`get_job_count()`, whose registry cleanup would let a web process
-    settle abandoned jobs without the worker's record keeping."""
-    pipe.llen(queue.key)
+    settle abandoned jobs without the worker's record keeping. `queued` counts the
+    jobs a worker popped but has not started too (up to 15 a worker claims in a batch
+    of mail jobs, app/leanworker.py, wait there behind the one it runs)."""
+    pipe.eval(_WAITING, 2, queue.key, queue.intermediate_queue_key)
     pipe.zcard(queue.scheduled_job_registry.key)
     pipe.zcard(queue.started_job_registry.key)
     pipe.zcard(queue.failed_job_registry.key)

@@ -13,6 +13,7 @@ from flask import Flask
 from app import create_app
 from app.mail import send_email
 from app.metrics import _escape
+from app.queues import MAIL_QUEUE, get_queue
 from tests.servers import SMTPServer, free_port
 
 SAMPLE = re.compile(
@@ -88,6 +89,27 @@ def test_queue_depth_and_oldest_age(app_ctx: Flask, client: Any, auth: dict[str,
     assert samples['mailqueue_queue_scheduled{queue="mail"}'] == 1
     assert samples['mailqueue_queue_oldest_age_seconds{queue="mail"}'] == pytest.approx(90, abs=1)
     assert samples['mailqueue_queue_oldest_age_seconds{queue="digests"}'] == 0
+
+
+def test_jobs_a_worker_claimed_but_has_not_started_still_count_as_waiting(
+    app_ctx: Flask, client: Any, auth: dict[str, str], redis_client: Any
+) -> None:
+    """A worker stuck on a slow server holds up to 15 claimed mail jobs in the
+    intermediate list: they are waiting, and the oldest of them sets the age."""
+    start = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+    queue = get_queue(MAIL_QUEUE)
+    with time_machine.travel(start, tick=False) as traveller:
+        for n in range(3):
+            send_email("ann@example.com", "Hi", "test", address="a")
+            traveller.move_to(start + timedelta(seconds=10 * (n + 1)))
+        for _ in range(2):  # as a batch claims them (leanworker._CLAIM)
+            redis_client.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
+        traveller.move_to(start + timedelta(seconds=100))
+        samples = scrape(client, auth)
+        health = client.get("/healthz").get_json()
+    assert samples['mailqueue_queue_depth{queue="mail"}'] == 3
+    assert samples['mailqueue_queue_oldest_age_seconds{queue="mail"}'] == pytest.approx(100, abs=1)
+    assert health["queues"]["mail"]["queued"] == 3
 
 
 def test_redis_down_is_503(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:

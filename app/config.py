@@ -181,6 +181,35 @@ def check(config: Mapping[str, Any]) -> None:
         value = config.get(key) or ""
         if "\r" in value or "\n" in value:
             raise ConfigError(f"{key}: must not contain CR or LF")
+    _check_rate(config)
+
+
+def _check_rate(config: Mapping[str, Any]) -> None:
+    """A worker waits for its rate-limit permit inside the job, under the job's
+    timeout: a rate that makes one job outlast it fails healthy mail (each wait
+    spends a retry), so say so at start-up. The bounds are for one worker: N workers
+    share the rate, so each waits up to N times longer (README, Reliability)."""
+    rate = config.get("MAIL_MAX_PER_SECOND")
+    if not rate:
+        return
+    spacing = 1 / rate
+    timeout = config.get("MAIL_JOB_TIMEOUT", 90)
+    if 2 * spacing > timeout:
+        raise ConfigError(
+            f"MAIL_MAX_PER_SECOND: {rate}/s sends a mail every {spacing:.0f} s, and a mail "
+            f"job waits for its turn within MAIL_JOB_TIMEOUT ({timeout} s): raise "
+            f"MAIL_JOB_TIMEOUT to at least {math.ceil(2 * spacing)}"
+        )
+    chunk, digest_timeout = (
+        config.get("DIGEST_CHUNK_SIZE", 100),
+        config.get("DIGEST_JOB_TIMEOUT", 600),
+    )
+    if chunk * spacing > digest_timeout:
+        raise ConfigError(
+            f"MAIL_MAX_PER_SECOND: at {rate}/s a digest job of DIGEST_CHUNK_SIZE={chunk} mails "
+            f"takes {chunk * spacing:.0f} s or more, over DIGEST_JOB_TIMEOUT ({digest_timeout} s): "
+            "lower DIGEST_CHUNK_SIZE or raise DIGEST_JOB_TIMEOUT"
+        )
 
 
 def load_dotenv_file() -> None:

@@ -89,6 +89,8 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({"MAIL_TIMEOUT": "soon"}, "MAIL_TIMEOUT"),
         ({"MAIL_TIMEOUT": "nan"}, "MAIL_TIMEOUT"),
         ({"MAIL_MAX_PER_SECOND": "inf"}, "MAIL_MAX_PER_SECOND"),
+        ({"MAIL_MAX_PER_SECOND": "0.01"}, "MAIL_MAX_PER_SECOND"),  # a mail per 100 s > 90 / 2
+        ({"MAIL_MAX_PER_SECOND": "0.1"}, "MAIL_MAX_PER_SECOND"),  # 100 digests take 1,000 s
         ({"MAIL_RETRY_INTERVALS": "15,x"}, "MAIL_RETRY_INTERVALS"),
         ({"MAIL_RETRY_INTERVALS": "0"}, "MAIL_RETRY_INTERVALS"),
         ({"MAIL_STATUS_TTL": "10"}, "MAIL_STATUS_TTL"),
@@ -112,6 +114,18 @@ def test_malformed_value_stops_create_app_naming_the_key(
     message = str(caught.value)
     assert message.startswith(key), message
     assert "\n" not in message
+
+
+def test_a_slow_rate_is_accepted_with_timeouts_that_allow_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in {
+        "MAIL_MAX_PER_SECOND": "0.1",
+        "MAIL_JOB_TIMEOUT": "20",
+        "DIGEST_CHUNK_SIZE": "50",
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert create_app().config["MAIL_MAX_PER_SECOND"] == 0.1
 
 
 def test_a_unix_socket_redis_url_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:

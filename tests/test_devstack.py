@@ -106,24 +106,31 @@ def http(url: str, body: dict[str, Any] | None = None, token: str = "") -> tuple
         return 0, None
 
 
+def start_stack(
+    tmp_path: Path, local: Path, port: int, name: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    log = tmp_path / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.devstack", "--local-dir", str(local)],
+            cwd=tmp_path,
+            env=subprocess_env(PORT=str(port)),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return process, log
+
+
 @pytest.mark.slow
 def test_dev_stack_end_to_end(tmp_path: Path) -> None:
     """Start it as `make run` does, send a mail through the API, find the .eml, Ctrl-C."""
     local = tmp_path / ".local"
     port = free_port()
-    log = (tmp_path / "devstack.log").open("w+b")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.devstack", "--local-dir", str(local)],
-        cwd=tmp_path,
-        env=subprocess_env(PORT=str(port)),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    process, log = start_stack(tmp_path, local, port, "devstack")
 
     def output() -> str:
-        log.flush()
-        return (tmp_path / "devstack.log").read_text(errors="replace")
+        return log.read_text(errors="replace")
 
     base = f"http://127.0.0.1:{port}"
     try:
@@ -183,23 +190,6 @@ def test_dev_stack_end_to_end(tmp_path: Path) -> None:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        log.close()
-
-
-def start_stack(
-    tmp_path: Path, local: Path, port: int, name: str
-) -> tuple[subprocess.Popen[bytes], Path]:
-    log = tmp_path / f"{name}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app.devstack", "--local-dir", str(local)],
-            cwd=tmp_path,
-            env=subprocess_env(PORT=str(port)),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return process, log
 
 
 @pytest.mark.slow

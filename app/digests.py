@@ -116,6 +116,15 @@ def _same_kind(a: str, b: str) -> bool:
     return is_weekly_period(a) == is_weekly_period(b)
 
 
+def _marks(kind: str, field: Callable[[str], str]) -> tuple[str, str]:
+    """(last handled, last dispatched) period of `kind` (daily or weekly), from a
+    subscriber's hash fields as `field(name)` reads them ("" when missing)."""
+    return (
+        _latest(kind, field(f"last_{kind}"), field("last_period")),
+        _latest(kind, field(f"dispatched_{kind}"), field("dispatched")),
+    )
+
+
 def _latest(kind: str, own: str, legacy: str) -> str:
     """A kind's mark: its own field, or the one-for-both field (`last_period`,
     `dispatched`) when that holds a later period of this kind (a subscriber
@@ -359,13 +368,9 @@ class Subscriber:
         """(last handled, last dispatched) period of `frequency`'s kind (default: the
         subscriber's own); none for `off`."""
         kind = frequency or self.schedule.frequency
-        if kind == DAILY:
-            own = (self.last_daily, self.dispatched_daily)
-        elif kind == WEEKLY:
-            own = (self.last_weekly, self.dispatched_weekly)
-        else:
+        if kind not in (DAILY, WEEKLY):
             return "", ""
-        return _latest(kind, own[0], self.last_period), _latest(kind, own[1], self.dispatched)
+        return _marks(kind, lambda name: str(getattr(self, name)))
 
     def public(self) -> dict[str, Any]:
         return {
@@ -650,8 +655,7 @@ def _evaluate(
     timezone, frequency, hour, weekday = (fields[name] for name in _SUB_FIELDS[:4])
     if frequency not in (DAILY, WEEKLY):
         return None, None  # deleted or off since it was indexed
-    last = _latest(frequency, fields[f"last_{frequency}"], fields["last_period"])
-    dispatched = _latest(frequency, fields[f"dispatched_{frequency}"], fields["dispatched"])
+    last, dispatched = _marks(frequency, fields.__getitem__)
     try:
         schedule = Schedule(timezone, frequency, int(hour), weekday)
         key = (schedule, last, dispatched)

@@ -26,8 +26,10 @@ lines per job. This mixin (AppWorker's base, before SimpleWorker) cuts:
   the PERSIST Job.perform would send alone): RQ's own writes, sent as one
   script rather than a MULTI/EXEC of twenty commands (run_as_script). The
   job's own first step (a delivery's attempt claim, FIRST_STEPS) follows in
-  the same round trip, so a mail job costs two round trips in all: that one
-  and the record's `sent`. Only the running job is ever in the
+  the same round trip, and so does the previous mail's `sent`, which
+  `deliver` hands to the worker instead of writing it (LeanJob.sent_step): it
+  goes out as soon as the job returns, first in that round trip, so a mail job
+  costs one round trip in all. Only the running job is ever in the
   started registry; the claimed ones wait in the intermediate list, where a
   dead worker's are re-queued by maintenance; a warm shutdown, or a batch that
   has run BATCH_SECONDS, puts the unstarted ones back at the head of the queue.
@@ -42,6 +44,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis.exceptions
@@ -54,7 +57,7 @@ from rq.utils import now
 from rq.worker import BaseWorker, WorkerStatus
 
 from app.mail import DELIVER_JOB
-from jobs.mail import queue_claim
+from jobs.mail import queue_claim, record_sent
 
 # Job functions whose success needs no RQ reads: they never have dependents,
 # callbacks, repeats or groups, and keep no result (result_ttl=0).
@@ -104,12 +107,26 @@ return ids
 """
 
 
+@dataclass
+class _Pending:
+    """A lean job that succeeded, with its mail's `sent` write (`deliver`'s sent_step)."""
+
+    job: Job
+    execution: Execution
+    queue: Queue
+    sent: Callable[[Any], None] | None
+
+
 class LeanJob(Job):
     """A Job whose PERSIST (Job.perform's first round trip) can be sent ahead, with the
     writes that register it as started (LeanJobs._start)."""
 
     persisted = False
     claimed_attempt: Any = None  # the reply of its FIRST_STEPS step, until the job reads it
+    # Set in a batch: `deliver` then leaves its `sent` write as `sent_step` (it queues it
+    # on a pipeline) for the worker to send with its next round trip.
+    carries_sent = False
+    sent_step: Callable[[Any], None] | None = None
 
     def perform(self) -> Any:
         if not self.persisted:
@@ -151,8 +168,9 @@ class LeanJobs(BaseWorker):
         if self.job_class is Job:
             self.job_class = LeanJob
         self._in_batch = False
-        # A lean job that succeeded, whose success is written with the next registration.
-        self._pending: tuple[Job, Execution] | None = None
+        # A lean job that succeeded, whose success (and its mail's `sent`) is written with
+        # the next registration.
+        self._pending: _Pending | None = None
 
     # -- batches --------------------------------------------------------------------
 
@@ -171,6 +189,8 @@ class LeanJobs(BaseWorker):
                 done += 1
                 if _is_lean(current, self.default_result_ttl):
                     self._start(current, queue)
+                    if isinstance(current, LeanJob):
+                        current.carries_sent = True
                     self.perform_job(current, queue)
                 else:
                     self._flush()
@@ -217,7 +237,7 @@ class LeanJobs(BaseWorker):
         with self.connection.pipeline() as writes, self.connection.pipeline(False) as pipeline:
             # RQ's own methods queue their writes on `writes`, which is never executed:
             # its commands are sent as one script (see _RUN_WRITES).
-            self._write_pending(writes)
+            carried = self._queue_pending(pipeline, writes)
             self.execution = Execution.create(job, ttl, pipeline=writes, worker_name=self.name)
             writes.lrem(queue.intermediate_queue_key, 1, job.id)
             # Maintenance's "first seen waiting" mark, if a pass saw it held in a batch:
@@ -231,7 +251,7 @@ class LeanJobs(BaseWorker):
             run_as_script(pipeline, writes)
             if first_step is not None:
                 first_step(pipeline, job)
-            replies = pipeline.execute()
+            replies = self._execute(pipeline, carried)
         if isinstance(job, LeanJob):
             job.persisted = True
             if first_step is not None:
@@ -242,29 +262,75 @@ class LeanJobs(BaseWorker):
         if self._pending is None and not idle:
             return
         with self.connection.pipeline() as pipeline:
-            self._write_pending(pipeline)
+            carried = self._queue_pending(pipeline, pipeline)
             if idle:
                 self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
-            pipeline.execute()
+            self._execute(pipeline, carried)
 
-    def _write_pending(self, pipeline: Any) -> None:
-        if self._pending is not None:
-            job, execution = self._pending
-            self._pending = None
-            current, self.execution = self.execution, execution
-            self._write_success(job, pipeline)
-            self.execution = current
+    def _queue_pending(self, pipeline: Any, writes: Any) -> _Pending | None:
+        """Queue the pending success: its mail's `sent` on `pipeline` (first: a script,
+        which cannot run inside _RUN_WRITES), RQ's writes on `writes`. Returns what it
+        queued, for _execute."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending.sent is not None:
+            pending.sent(pipeline)
+        current, self.execution = self.execution, pending.execution
+        self._write_success(pending.job, writes)
+        self.execution = current
+        return pending
+
+    def _execute(self, pipeline: Any, carried: _Pending | None) -> Any:
+        """Run `pipeline`. If it fails on the connection, the `sent` it carried may not
+        have landed: record it on its own, with record_sent's retries. If that fails too,
+        the job goes through RQ's failure path (retried, its record still `sending`), as
+        it would had `deliver` failed to record it. Either way the error is raised."""
+        try:
+            return pipeline.execute()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+            if carried is not None and carried.sent is not None:
+                try:
+                    self._write_sent(carried.sent)
+                except redis.exceptions.RedisError:
+                    current, self.execution = self.execution, carried.execution
+                    try:
+                        self.handle_job_failure(
+                            carried.job, carried.queue, exc_string=f"`sent` not recorded: {err}"
+                        )
+                    finally:
+                        self.execution = current
+            raise
+
+    def _write_sent(self, sent: Callable[[Any], None]) -> None:
+        def write() -> None:
+            with self.connection.pipeline(transaction=False) as pipeline:
+                sent(pipeline)
+                pipeline.execute()
+
+        record_sent(write)
+
+    def perform_job(self, job: Job, queue: Queue) -> bool:
+        try:
+            return super().perform_job(job, queue)
+        finally:
+            # `deliver` handed over its `sent`, but the job did not end on the success
+            # path that takes it (e.g. its timeout fired just after): write it now.
+            sent = getattr(job, "sent_step", None)
+            if sent is not None:
+                job.sent_step = None  # type: ignore[attr-defined]
+                self._write_sent(sent)
 
     def _release(self, jobs: list[Job], queue: Queue) -> None:
         """Claimed jobs never started go back to the head of their queue, in order;
         one that maintenance already put back is not pushed a second time."""
         with self.connection.pipeline() as pipeline:
-            self._write_pending(pipeline)
+            carried = self._queue_pending(pipeline, pipeline)
             for job in reversed(jobs):
                 seen_key = queue.intermediate_queue.get_first_seen_key(job.id)
                 keys = (queue.intermediate_queue_key, queue.key, seen_key)
                 pipeline.eval(PUT_BACK, 3, *keys, job.id)
-            pipeline.execute()
+            self._execute(pipeline, carried)
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         if self._in_batch and _is_lean(job, self.default_result_ttl):
@@ -310,7 +376,10 @@ class LeanJobs(BaseWorker):
         assert job.started_at is not None and job.ended_at is not None
         if self._in_batch:
             # Written with the next job's registration (or at the end of the batch).
-            self._pending = (job, self.execution)
+            sent = getattr(job, "sent_step", None)
+            if sent is not None:
+                job.sent_step = None  # type: ignore[attr-defined]
+            self._pending = _Pending(job, self.execution, queue, sent)
             return
         with self.connection.pipeline() as pipeline:
             self._write_success(job, pipeline)

@@ -71,16 +71,18 @@ def deliver(mail_id: str) -> str:
         # A template that cannot render is a bug, not an outage: fail at once.
         _record_failure(redis, record, DeliveryError(f"{type(err).__name__}: {err}"), final=True)
         raise
-    record_sent(
-        lambda: status.finish(
-            redis,
-            mail_id,
-            status.SENT,
-            config["MAIL_STATUS_TTL"],
-            metric_template=record.template,
-            refused=refused,
+    ttl = config["MAIL_STATUS_TTL"]
+    if getattr(job, "carries_sent", False):
+        # A batching worker sends this with its next round trip, at once (app/leanworker.py).
+        job.sent_step = lambda pipe: status.queue_finish(  # type: ignore[union-attr]
+            pipe, mail_id, status.SENT, ttl, metric_template=record.template, refused=refused
         )
-    )
+    else:
+        record_sent(
+            lambda: status.finish(
+                redis, mail_id, status.SENT, ttl, metric_template=record.template, refused=refused
+            )
+        )
     _emit(events.SENT, record, recipients=len(record.to), refused=len(refused) or None)
     return "sent"
 

@@ -1,5 +1,5 @@
 """Helpers for tests that need more than a fixture: RQ's scheduler pass, a Redis dump,
-counting round trips, a Redis that fails every pipeline."""
+counting round trips, a Redis that fails every pipeline or the writes that record `sent`."""
 
 from __future__ import annotations
 
@@ -62,6 +62,46 @@ def failing_pipelines(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     with monkeypatch.context() as patch:
         patch.setattr(redis.client.Pipeline, "execute", broken)
         yield
+
+
+@contextmanager
+def losing_sent_writes(monkeypatch: pytest.MonkeyPatch, times: int) -> Iterator[list[str]]:
+    """Inside the block, the first `times` writes that record a mail `sent` fail as a
+    lost connection would, before reaching Redis: whether `deliver` makes the write
+    itself or a batching worker carries it in its next pipeline. Yields the mail ids
+    whose write was lost, one per loss."""
+    from app import status
+
+    lost: list[str] = []
+    real_command = Redis.execute_command
+    real_execute = redis.client.Pipeline.execute
+
+    def records_sent(args: tuple[Any, ...]) -> bool:
+        if args[:2] != ("EVAL", status._FINISH):
+            return False
+        fields = list(args[11:])  # after EVAL, the script, numkeys, 4 keys, 4 values
+        pairs = dict(zip(fields[::2], fields[1::2], strict=True))
+        return pairs.get("status") == status.SENT
+
+    def lose(args: tuple[Any, ...]) -> None:
+        lost.append(args[7])
+        raise redis.exceptions.ConnectionError("injected: connection lost")
+
+    def command(self: Redis, *args: Any, **options: Any) -> Any:
+        if len(lost) < times and records_sent(args):
+            lose(args)
+        return real_command(self, *args, **options)
+
+    def execute(self: redis.client.Pipeline, *args: Any, **kwargs: Any) -> Any:
+        for queued, _options in self.command_stack:
+            if len(lost) < times and records_sent(queued):
+                lose(queued)
+        return real_execute(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Redis, "execute_command", command)
+        patch.setattr(redis.client.Pipeline, "execute", execute)
+        yield lost
 
 
 def redis_dump(redis: Redis) -> bytes:

@@ -20,13 +20,14 @@ from redis import Redis
 from rq.job import Job, JobStatus
 from rq.timeouts import JobTimeoutException
 
-from app import PROJECT_ROOT, status
+from app import PROJECT_ROOT, leanworker, status
 from app.config import SPEC
 from app.errors import PermanentDeliveryError, TransientDeliveryError
 from app.mail import retry_policy, send_email
 from app.queues import MAIL_QUEUE, get_queue
 from app.smtp import classify
 from tests.conftest import run_worker as work  # with_scheduler=True: RQ's scheduler pass
+from tests.helpers import losing_sent_writes
 from tests.servers import SMTPServer
 
 
@@ -278,29 +279,28 @@ def test_a_mail_in_flight_elsewhere_is_not_sent_twice(
     assert status.begin_attempt(redis_client, job.id, 120)[0] == "busy"
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "alone"])
 def test_unrecorded_acceptance_is_the_only_duplicate_and_keeps_its_message_id(
     app_ctx: Flask,
     smtp_server: SMTPServer,
     redis_client: Redis,
     monkeypatch: pytest.MonkeyPatch,
+    batched: bool,
 ) -> None:
-    """The worker loses Redis in the instant after the server accepted the mail."""
+    """The worker loses Redis in the instant after the server accepted the mail, whether
+    `deliver` records `sent` itself or the batching worker carries the write."""
     import jobs.mail
 
-    real_finish = status.finish
-    calls: list[str] = []
-
-    def finish_fails_once(*args: object, **kwargs: object) -> None:
-        if not calls and args[2] == status.SENT:
-            calls.append("lost")
-            raise redis.exceptions.ConnectionError("connection lost")
-        real_finish(*args, **kwargs)  # type: ignore[arg-type]
-
+    if not batched:
+        monkeypatch.setattr(leanworker, "BATCH_SIZE", 1)
     monkeypatch.setattr(jobs.mail, "RECORD_SENT_SECONDS", 0.0)
-    monkeypatch.setattr(status, "finish", finish_fails_once)
     job = send_email("ann@example.com", "Hello", "test")
-    work()
+    with losing_sent_writes(monkeypatch, times=2) as lost:
+        work()
+    assert lost and set(lost) == {job.id}
     assert record(redis_client, job.id).status == status.SENDING  # the truth is unknown
+    # The job failed through RQ's failure path and waits for its retry.
+    assert job.id in get_queue(MAIL_QUEUE).scheduled_job_registry
     # The lost attempt's lease expires (MAIL_JOB_TIMEOUT + 30 s on Redis's clock).
     assert 0 < redis_client.ttl(status.lease_key(job.id)) <= 90 + status.LEASE_GRACE_SECONDS
     redis_client.delete(status.lease_key(job.id))
@@ -311,24 +311,20 @@ def test_unrecorded_acceptance_is_the_only_duplicate_and_keeps_its_message_id(
     assert record(redis_client, job.id).status == status.SENT
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "alone"])
 def test_sent_is_recorded_across_a_short_redis_outage(
     app_ctx: Flask,
     smtp_server: SMTPServer,
     redis_client: Redis,
     monkeypatch: pytest.MonkeyPatch,
+    batched: bool,
 ) -> None:
-    real_finish = status.finish
-    failures: list[int] = []
-
-    def finish_flaky(*args: object, **kwargs: object) -> None:
-        if len(failures) < 3:
-            failures.append(1)
-            raise redis.exceptions.ConnectionError("Redis restarting")
-        real_finish(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(status, "finish", finish_flaky)
+    if not batched:
+        monkeypatch.setattr(leanworker, "BATCH_SIZE", 1)
     job = send_email("ann@example.com", "Hello", "test")
-    work()
+    with losing_sent_writes(monkeypatch, times=3) as lost:
+        work()
+    assert len(lost) == 3
     assert len(smtp_server.messages) == 1
     assert record(redis_client, job.id).status == status.SENT
 

@@ -9,8 +9,10 @@ times and its execution list twice before one MULTI/EXEC. Each round trip costs
 lines per job. This mixin (AppWorker's base, before SimpleWorker) cuts:
 
 - heartbeats without a pipeline: at most one a second (the worker key lives
-  for minutes; the pipelined heartbeats RQ sends with each job are kept);
-- worker state writes that change nothing (`idle` after `idle`);
+  for minutes); in a batch, the heartbeat RQ writes with each job's start only
+  when the worker key's TTL has run down by a second;
+- worker state writes that change nothing (`idle` after `idle`, `busy` for
+  each job of a batch);
 - the `rq suspend` check: at most once a second;
 - the per-job INFO lines (dequeued, completed, Job OK): logged at DEBUG;
 - for our own jobs only (LEAN_JOBS, result_ttl 0, no repeat, no group), the
@@ -160,6 +162,7 @@ class LeanJobs(BaseWorker):
     """Mixin for an RQ worker class: see the module docstring."""
 
     _last_heartbeat_write = 0.0
+    _worker_key_expires = 0.0  # time.monotonic() when the worker key's last TTL runs out
     _last_suspension_check = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -243,9 +246,13 @@ class LeanJobs(BaseWorker):
             # Maintenance's "first seen waiting" mark, if a pass saw it held in a batch:
             # left behind, it would make a later wait of the same id look stranded.
             writes.delete(queue.intermediate_queue.get_first_seen_key(job.id))
-            self.set_state(WorkerStatus.BUSY, pipeline=writes)
+            if self._state != WorkerStatus.BUSY:  # a batch stays busy until its end
+                self.set_state(WorkerStatus.BUSY, pipeline=writes)
             self.set_current_job_id(job.id, pipeline=writes)
-            self.heartbeat(ttl, pipeline=writes)
+            if self._worker_key_expires - time.monotonic() < ttl - THROTTLE_SECONDS:
+                # Else the worker key, written less than a second ago with this TTL,
+                # still outlives the job's heartbeat TTL minus a second.
+                self.heartbeat(ttl, pipeline=writes)
             job.prepare_for_execution(self.name, pipeline=writes)
             writes.persist(job.key)
             run_as_script(pipeline, writes)
@@ -340,12 +347,13 @@ class LeanJobs(BaseWorker):
     # -- fewer round trips per job ----------------------------------------------------
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        moment = time.monotonic()
         if pipeline is None and timeout is None:
-            moment = time.monotonic()
             if moment - self._last_heartbeat_write < THROTTLE_SECONDS:
                 return
             self._last_heartbeat_write = moment
         super().heartbeat(timeout, pipeline=pipeline)
+        self._worker_key_expires = moment + (timeout or self.worker_ttl + 60)
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         if pipeline is None and state == self._state:

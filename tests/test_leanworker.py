@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import redis.exceptions
 from flask import Flask
 from redis import Redis
-from rq import Queue
+from rq import Queue, get_current_job
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
@@ -225,3 +226,48 @@ def test_a_job_that_fails_after_handing_over_sent_still_records_it(
         assert status.load(redis_client, mail_id).status == status.SENT  # type: ignore[union-attr]
     # RQ's failure path scheduled a retry; it will find the mail sent and skip it.
     assert ids[1] in queue(redis_client).scheduled_job_registry
+
+
+def test_a_batch_writes_the_workers_state_and_heartbeat_only_when_they_change(
+    app_ctx: Flask,
+    smtp_server: SMTPServer,
+    redis_client: Redis,
+    work: Callable[[], AppWorker],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`busy` once a batch, the heartbeat at most once a second, and every job still runs
+    with the worker key's TTL at the heartbeat TTL (90 s here), give or take a second."""
+    count = leanworker.BATCH_SIZE * 3
+    for i in range(count):
+        send_email(f"user{i}@example.com", "Hi", "test")
+    writes: list[str] = []
+    ttls_ms: list[int] = []
+    real_state, real_heartbeat = AppWorker.set_state, AppWorker.heartbeat
+    original = jobs.mail.deliver
+
+    def set_state(self: AppWorker, state: str, pipeline: Any = None) -> None:
+        writes.append(f"state {getattr(state, 'value', state)}")
+        real_state(self, state, pipeline=pipeline)
+
+    def heartbeat(self: AppWorker, timeout: int | None = None, pipeline: Any = None) -> None:
+        if pipeline is not None:
+            writes.append("heartbeat")
+        real_heartbeat(self, timeout, pipeline=pipeline)
+
+    def deliver(mail_id: str) -> Any:
+        job = get_current_job()
+        assert job is not None
+        ttls_ms.append(redis_client.pttl(f"rq:worker:{job.worker_name}"))
+        return original(mail_id)
+
+    monkeypatch.setattr(AppWorker, "set_state", set_state)
+    monkeypatch.setattr(AppWorker, "heartbeat", heartbeat)
+    monkeypatch.setattr(jobs.mail, "deliver", deliver)
+    started = time.monotonic()
+    work()
+    seconds = time.monotonic() - started
+
+    assert len(smtp_server.wait_for(count)) == count
+    assert writes.count("state busy") <= 3  # one a batch (a worker writes one per job)
+    assert writes.count("heartbeat") <= 3 + int(seconds)
+    assert len(ttls_ms) == count and min(ttls_ms) >= 88_000, ttls_ms

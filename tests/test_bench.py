@@ -33,7 +33,7 @@ def test_bench_runs_every_row_with_tiny_n_and_cleans_up() -> None:
     report_dir = done.stdout.strip().splitlines()[-1].split(": ", 1)[1].rstrip(")")
     report = json.loads((ROOT / report_dir / "report.json").read_text())
     rows = {row["key"]: row for row in report["rows"]}
-    for key in ("e", "a", "b", "c1"):
+    for key in ("e", "a", "b", "c1", "f"):
         assert rows[key]["received"] == 20, rows[key]
         assert rows[key]["duplicates"] == 0
     assert report["micro"]["send_email_ms"] > 0

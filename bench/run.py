@@ -9,6 +9,8 @@ in its own process): the same workload (bench/workload.py) goes through
   (b) Celery 5, Redis broker, prefork concurrency 2, one task per mail;
   (c) mailqueue's transactional path: the Procfile's worker line as 1 and 2
       `rq worker` processes, fed by `send_email()`;
+  (f) the floor: (c)'s workload through 2 processes that do only what each
+      mail's guarantees need, with no RQ code (bench/floor.py);
   (d) mailqueue's digest path, when jobs/digest.py exists.
 
 Mails/s and latencies come from what the sink accepted (by Message-ID, with

@@ -10,8 +10,8 @@ code runs, no job is restored, there is no timeout alarm, no started registry, a
 jobs are popped 16 at a time with LPOP, which a crash would lose (a real queue
 moves them to a list of its own and removes each when done: more work, not less,
 so the floor stays a floor). Each Redis step shares its round trip with the next
-one: `sent` for one mail goes out with the claim of the next, right
-after the server accepted, so per mail there is one Redis round trip.
+one: `sent` for one mail goes out with the claim of the next, right after the
+server accepted, so per mail there is one Redis round trip.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ from rq.utils import now
 from rq.worker import BaseWorker, WorkerStatus
 
 from app.mail import DELIVER_JOB
-from jobs.mail import queue_claim, record_sent
+from jobs.mail import queue_claim, write_sent
 
 # Job functions whose success needs no RQ reads: they never have dependents,
 # callbacks, repeats or groups, and keep no result (result_ttl=0).
@@ -298,7 +298,7 @@ class LeanJobs(BaseWorker):
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
             if carried is not None and carried.sent is not None:
                 try:
-                    self._write_sent(carried.sent)
+                    write_sent(self.connection, carried.sent)
                 except redis.exceptions.RedisError:
                     current, self.execution = self.execution, carried.execution
                     try:
@@ -309,24 +309,15 @@ class LeanJobs(BaseWorker):
                         self.execution = current
             raise
 
-    def _write_sent(self, sent: Callable[[Any], None]) -> None:
-        def write() -> None:
-            with self.connection.pipeline(transaction=False) as pipeline:
-                sent(pipeline)
-                pipeline.execute()
-
-        record_sent(write)
-
     def perform_job(self, job: Job, queue: Queue) -> bool:
         try:
             return super().perform_job(job, queue)
         finally:
             # `deliver` handed over its `sent`, but the job did not end on the success
             # path that takes it (e.g. its timeout fired just after): write it now.
-            sent = getattr(job, "sent_step", None)
+            sent = _take_sent(job)
             if sent is not None:
-                job.sent_step = None  # type: ignore[attr-defined]
-                self._write_sent(sent)
+                write_sent(self.connection, sent)
 
     def _release(self, jobs: list[Job], queue: Queue) -> None:
         """Claimed jobs never started go back to the head of their queue, in order;
@@ -384,10 +375,7 @@ class LeanJobs(BaseWorker):
         assert job.started_at is not None and job.ended_at is not None
         if self._in_batch:
             # Written with the next job's registration (or at the end of the batch).
-            sent = getattr(job, "sent_step", None)
-            if sent is not None:
-                job.sent_step = None  # type: ignore[attr-defined]
-            self._pending = _Pending(job, self.execution, queue, sent)
+            self._pending = _Pending(job, self.execution, queue, _take_sent(job))
             return
         with self.connection.pipeline() as pipeline:
             self._write_success(job, pipeline)
@@ -434,6 +422,14 @@ end
 if failed then return failed end
 return 1
 """
+
+
+def _take_sent(job: Job) -> Callable[[Any], None] | None:
+    """The `sent` write `deliver` handed over (LeanJob.sent_step), now the caller's."""
+    sent = getattr(job, "sent_step", None)
+    if sent is not None:
+        job.sent_step = None  # type: ignore[attr-defined]
+    return sent
 
 
 def _is_lean(job: Job, default_result_ttl: int) -> bool:

@@ -72,17 +72,17 @@ def deliver(mail_id: str) -> str:
         _record_failure(redis, record, DeliveryError(f"{type(err).__name__}: {err}"), final=True)
         raise
     ttl = config["MAIL_STATUS_TTL"]
-    if getattr(job, "carries_sent", False):
-        # A batching worker sends this with its next round trip, at once (app/leanworker.py).
-        job.sent_step = lambda pipe: status.queue_finish(  # type: ignore[union-attr]
+
+    def sent(pipe: Pipeline) -> None:
+        status.queue_finish(
             pipe, mail_id, status.SENT, ttl, metric_template=record.template, refused=refused
         )
+
+    if getattr(job, "carries_sent", False):
+        # A batching worker sends this with its next round trip, at once (app/leanworker.py).
+        job.sent_step = sent  # type: ignore[union-attr]
     else:
-        record_sent(
-            lambda: status.finish(
-                redis, mail_id, status.SENT, ttl, metric_template=record.template, refused=refused
-            )
-        )
+        write_sent(redis, sent)
     _emit(events.SENT, record, recipients=len(record.to), refused=len(refused) or None)
     return "sent"
 
@@ -148,6 +148,18 @@ def _record_failure(
             **fields,
         )
         _emit(events.FAILED, record, error=type(err).__name__, reason=str(err))
+
+
+def write_sent(redis: Redis, step: Callable[[Pipeline], None]) -> None:
+    """Record an accepted mail as sent in a round trip of its own: `step` queues the
+    write on a pipeline (a delivery's, or one a batching worker was handed)."""
+
+    def write() -> None:
+        with redis.pipeline(transaction=False) as pipe:
+            step(pipe)
+            pipe.execute()
+
+    record_sent(write)
 
 
 def record_sent(write: Callable[[], T]) -> T:

@@ -125,7 +125,10 @@ SPEC: dict[str, tuple[Callable[[str, str], Any], str, tuple[str, ...]]] = {
     "MAIL_TLS_CA_FILE": (_optional_file, "", ()),
     # Flask-Mail has no SMTP timeout (flask-mail #114); ours bounds connect and every reply.
     "MAIL_TIMEOUT": (_float_parser(0.1), "30", ()),
-    # A worker keeps one SMTP connection open; it is dropped after this many idle seconds.
+    # Mails in flight at once per worker process, each over an SMTP connection of its own
+    # (so also the most connections a worker opens); 1 = one mail at a time.
+    "MAIL_CONCURRENCY": (_int_parser(1, 256), "16", ()),
+    # A worker's SMTP connections are closed after this many idle seconds.
     "MAIL_IDLE_TIMEOUT": (_float_parser(0.0), "30", ()),
     "MAIL_STATUS_TTL": (_int_parser(60), str(7 * 24 * 3600), ()),
     "MAIL_JOB_TIMEOUT": (_int_parser(5), "90", ()),

@@ -1,12 +1,16 @@
-"""SMTP delivery over one reused connection per process, with a timeout.
+"""SMTP delivery over reused connections, up to MAIL_CONCURRENCY per process, with timeouts.
 
 Flask-Mail opens a connection per `send` and has no timeout (flask-mail #114,
-#38). A worker keeps one Flask-Mail `Connection` open, built with a socket
-timeout, reconnects once when the server has dropped it, and drops it after
-MAIL_IDLE_TIMEOUT idle seconds. A server that offers PIPELINING gets each mail in
-two round trips instead of 3 + one per recipient. SMTP failures are sorted here
-into transient (retry) and permanent (fail now), keeping the server's reply. With
-MAIL_MAX_PER_SECOND set, every send first takes a fleet-wide permit (app/ratelimit.py).
+#38). A worker keeps a small pool of Flask-Mail `Connection`s, each built with a
+socket timeout and carrying one mail at a time: as many as it has mails in
+flight (app/inflight.py), never more than MAIL_CONCURRENCY. A reused connection
+saves the connect, greeting, EHLO, STARTTLS and AUTH round trips of a new one; a
+connection the server has dropped is reopened once; one idle for
+MAIL_IDLE_TIMEOUT seconds is closed by a sweeper thread. A server that offers
+PIPELINING gets each mail in two round trips instead of 3 + one per recipient.
+SMTP failures are sorted here into transient (retry) and permanent (fail now),
+keeping the server's reply. With MAIL_MAX_PER_SECOND set, every send first takes
+a fleet-wide permit (app/ratelimit.py).
 """
 
 from __future__ import annotations
@@ -86,102 +90,211 @@ class TimeoutConnection(Connection):
         return host
 
 
+class _Pooled:
+    """One open SMTP connection of a Mailer's pool, and when it last carried a mail."""
+
+    def __init__(self, connection: TimeoutConnection) -> None:
+        self.connection = connection
+        self.last_used = time.monotonic()
+
+    @property
+    def host(self) -> _SMTP | _SMTP_SSL:
+        host = self.connection.host
+        assert isinstance(host, _SMTP | _SMTP_SSL)
+        return host
+
+    def close(self) -> None:
+        """Quit politely if possible; never raise."""
+        host = self.connection.host
+        if host is None:
+            return
+        try:
+            host.quit()
+        except (smtplib.SMTPException, OSError):
+            host.close()
+
+
 class Mailer:
-    """One process's SMTP connection: opened lazily, reused, closed when idle."""
+    """One process's SMTP connections: up to MAIL_CONCURRENCY, each carrying one mail at
+    a time, opened lazily, reused most-recently-used first, closed when idle."""
 
     def __init__(self, app: Flask) -> None:
         self.app = app
-        self._connection: TimeoutConnection | None = None
-        self._last_used = 0.0
+        self.size: int = app.config["MAIL_CONCURRENCY"]
+        self.opened = 0  # connections opened so far (for /metrics and the bench)
+        self._idle: list[_Pooled] = []  # open, not in use; the most recently used last
+        self._in_use: dict[int, _Pooled] = {}  # by the thread using it (abort())
+        self._free = threading.BoundedSemaphore(self.size)  # a permit per connection
         self._lock = threading.Lock()
+        self._sweeping = False
         self._limiter: RateLimiter | None = None
         self._rate: float | None = app.config.get("MAIL_MAX_PER_SECOND")
 
     def send(self, message: Message) -> dict[str, str]:
         """Deliver `message`; return the recipients the server refused (code and reply).
 
+        Waits for a free connection when MAIL_CONCURRENCY sends are under way.
         Raises TransientDeliveryError or PermanentDeliveryError.
         """
-        with self._lock:
-            reusing = self._reusable()
+        with self._free:
+            pooled = self._take()
             try:
-                return self._send_once(message)
-            except Exception as err:
-                stale = reusing and _dropped(err) and not self._body_may_be_sent()
-                self.close()
-                if not stale:
-                    raise classify(err) from err
-            # A reused connection the server had dropped (an idle timeout), found before
-            # any body went out: one fresh attempt. Never after a body may have gone
-            # (a reply that timed out after DATA is a mail the server may have taken).
-            try:
-                return self._send_once(message)
-            except Exception as err:
-                self.close()
+                return self._send(pooled, message)
+            finally:
+                with self._lock:
+                    self._in_use.pop(threading.get_ident(), None)
+
+    def _send(self, pooled: _Pooled | None, message: Message) -> dict[str, str]:
+        reusing = pooled is not None
+        try:
+            pooled = self._checked_out(pooled)
+            refused = _send_once(pooled, message, self._permit)
+        except Exception as err:
+            stale = reusing and _dropped(err) and not _body_may_be_sent(pooled)
+            if pooled is not None:
+                pooled.close()
+            if not stale:
                 raise classify(err) from err
-
-    def _reusable(self) -> bool:
-        """An open connection that _open will not drop as idle."""
-        idle = self.app.config["MAIL_IDLE_TIMEOUT"]
-        return self._connection is not None and time.monotonic() - self._last_used <= idle
-
-    def _body_may_be_sent(self) -> bool:
-        host = self._connection.host if self._connection is not None else None
-        return host is None or getattr(host, "body_may_be_sent", True)
-
-    def _send_once(self, message: Message) -> dict[str, str]:
-        connection = self._open()
-        host = connection.host
-        assert isinstance(host, _BodyTracking)
-        host.body_may_be_sent = False
-        recipients = [_envelope(address) for address in message.send_to]
-        # Connected, but maybe not greeted yet (no STARTTLS or login): EHLO says what it offers.
-        host.ehlo_or_helo_if_needed()
-        if self._rate:
-            # Right before the send, after connecting: the permit is spent on a mail,
-            # never on a connection attempt that fails.
-            self._rate_limiter().acquire()
-        sender, msg = _envelope(message.sender), message.as_bytes()
-        options = message.mail_options, message.rcpt_options
-        if host.has_extn("pipelining"):
-            refused = _sendmail_pipelined(host, sender, recipients, msg, *options)
         else:
-            refused = host.sendmail(sender, recipients, msg, *options)
-        self._last_used = time.monotonic()
-        return {addr: _reply(code, text) for addr, (code, text) in refused.items()}
+            self._put_back(pooled)
+            return refused
+        # A reused connection the server had dropped (an idle timeout), found before
+        # any body went out: one fresh attempt. Never after a body may have gone
+        # (a reply that timed out after DATA is a mail the server may have taken).
+        pooled = None
+        try:
+            pooled = self._checked_out(None)
+            refused = _send_once(pooled, message, self._permit)
+        except Exception as err:
+            if pooled is not None:
+                pooled.close()
+            raise classify(err) from err
+        self._put_back(pooled)
+        return refused
 
-    def _rate_limiter(self) -> RateLimiter:
-        if self._limiter is None:
-            from app.queues import get_redis
-
-            assert self._rate is not None
-            self._limiter = RateLimiter(get_redis(self.app), self._rate)
-        return self._limiter
-
-    def _open(self) -> TimeoutConnection:
+    def _take(self) -> _Pooled | None:
+        """The most recently used idle connection still within MAIL_IDLE_TIMEOUT, or None."""
         idle = self.app.config["MAIL_IDLE_TIMEOUT"]
-        if self._connection is not None and time.monotonic() - self._last_used > idle:
-            self.close()
-        if self._connection is None:
+        stale: list[_Pooled] = []
+        taken = None
+        with self._lock:
+            while self._idle:
+                candidate = self._idle.pop()
+                if time.monotonic() - candidate.last_used <= idle:
+                    taken = candidate
+                    break
+                stale.append(candidate)
+        for pooled in stale:
+            pooled.close()
+        return taken
+
+    def _checked_out(self, pooled: _Pooled | None) -> _Pooled:
+        """`pooled`, or a new connection: registered as this thread's (abort())."""
+        if pooled is None:
             mail: Mail = self.app.extensions["mail"]
             config = self.app.config
             connection = TimeoutConnection(
                 mail, config["MAIL_TIMEOUT"], config.get("MAIL_TLS_CA_FILE")
             )
+            with self._lock:
+                self.opened += 1
+            # Registered before the connect, so an abort() reaches a connect that hangs.
+            pooled = _Pooled(connection)
+            with self._lock:
+                self._in_use[threading.get_ident()] = pooled
             connection.host = connection.configure_host()
-            self._connection = connection
-            self._last_used = time.monotonic()
-        return self._connection
+        else:
+            with self._lock:
+                self._in_use[threading.get_ident()] = pooled
+        return pooled
+
+    def _put_back(self, pooled: _Pooled) -> None:
+        pooled.last_used = time.monotonic()
+        with self._lock:
+            self._idle.append(pooled)
+            start_sweeper = not self._sweeping
+            self._sweeping = True
+        if start_sweeper:
+            threading.Thread(target=self._sweep, name="mailqueue-smtp-idle", daemon=True).start()
+
+    def _sweep(self) -> None:
+        """Close idle connections once MAIL_IDLE_TIMEOUT has passed; end when none is left,
+        so a worker with nothing to do holds no connection open for long."""
+        idle = self.app.config["MAIL_IDLE_TIMEOUT"]
+        while True:
+            with self._lock:
+                moment = time.monotonic()
+                expired = [p for p in self._idle if moment - p.last_used > idle]
+                self._idle = [p for p in self._idle if moment - p.last_used <= idle]
+                if not self._idle:
+                    self._sweeping = False
+                oldest = min((p.last_used for p in self._idle), default=moment)
+                done = not self._sweeping
+            for pooled in expired:
+                pooled.close()
+            if done:
+                return
+            time.sleep(min(max(oldest + idle - moment, 0.0) + 0.01, 1.0))
+
+    def abort(self, thread: int) -> bool:
+        """Shut down the socket of the connection `thread` is using, so a send blocked on
+        it returns at once (a delivery's deadline, app/inflight.py). True if there was one."""
+        with self._lock:
+            pooled = self._in_use.get(thread)
+        host = pooled.connection.host if pooled is not None else None
+        sock = host.sock if host is not None else None
+        if sock is None:
+            return False
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        return True
+
+    def _permit(self) -> None:
+        """Take a fleet-wide send permit (MAIL_MAX_PER_SECOND), if a rate is set."""
+        if not self._rate:
+            return
+        with self._lock:
+            if self._limiter is None:
+                from app.queues import get_redis
+
+                self._limiter = RateLimiter(get_redis(self.app), self._rate)
+            limiter = self._limiter
+        limiter.acquire()
 
     def close(self) -> None:
-        """Quit politely if possible; never raise."""
-        connection, self._connection = self._connection, None
-        if connection is None or connection.host is None:
-            return
-        try:
-            connection.host.quit()
-        except (smtplib.SMTPException, OSError):
-            connection.host.close()
+        """Close the idle connections (those in use close when their send ends); never raise."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for pooled in idle:
+            pooled.close()
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._idle) + len(self._in_use)
+
+
+def _body_may_be_sent(pooled: _Pooled | None) -> bool:
+    host = pooled.connection.host if pooled is not None else None
+    return host is None or getattr(host, "body_may_be_sent", True)
+
+
+def _send_once(pooled: _Pooled, message: Message, permit: Callable[[], None]) -> dict[str, str]:
+    host = pooled.host
+    host.body_may_be_sent = False
+    recipients = [_envelope(address) for address in message.send_to]
+    # Connected, but maybe not greeted yet (no STARTTLS or login): EHLO says what it offers.
+    host.ehlo_or_helo_if_needed()
+    # Right before the send, after connecting: the permit is spent on a mail,
+    # never on a connection attempt that fails.
+    permit()
+    sender, msg = _envelope(message.sender), message.as_bytes()
+    options = message.mail_options, message.rcpt_options
+    if host.has_extn("pipelining"):
+        refused = _sendmail_pipelined(host, sender, recipients, msg, *options)
+    else:
+        refused = host.sendmail(sender, recipients, msg, *options)
+    return {addr: _reply(code, text) for addr, (code, text) in refused.items()}
 
 
 _quote_periods: Callable[[bytes], bytes] = smtplib._quote_periods  # type: ignore[attr-defined]

@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "MAIL_SUBJECT_PREFIX": "",
     "MAIL_TLS_CA_FILE": None,
     "MAIL_TIMEOUT": 30.0,
+    "MAIL_CONCURRENCY": 16,
     "MAIL_IDLE_TIMEOUT": 30.0,
     "MAIL_STATUS_TTL": 7 * 24 * 3600,
     "MAIL_JOB_TIMEOUT": 90,
@@ -87,6 +88,8 @@ def test_booleans(raw: str, expected: bool) -> None:
         ({"MAIL_USE_TLS": "1", "MAIL_USE_SSL": "1"}, "MAIL_USE_TLS and MAIL_USE_SSL"),
         ({"MAIL_USERNAME": "only-user"}, "MAIL_USERNAME and MAIL_PASSWORD"),
         ({"MAIL_TIMEOUT": "soon"}, "MAIL_TIMEOUT"),
+        ({"MAIL_CONCURRENCY": "0"}, "MAIL_CONCURRENCY"),
+        ({"MAIL_CONCURRENCY": "many"}, "MAIL_CONCURRENCY"),
         ({"MAIL_TIMEOUT": "nan"}, "MAIL_TIMEOUT"),
         ({"MAIL_MAX_PER_SECOND": "inf"}, "MAIL_MAX_PER_SECOND"),
         ({"MAIL_MAX_PER_SECOND": "0.01"}, "MAIL_MAX_PER_SECOND"),  # a mail per 100 s > 90 / 2

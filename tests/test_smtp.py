@@ -143,7 +143,7 @@ def test_a_connection_the_server_dropped_is_reopened_once(
 ) -> None:
     mailer = get_mailer()
     mailer.send(message(ANN))
-    host = mailer._open().host
+    host = mailer._idle[-1].connection.host
     assert host is not None and host.sock is not None
     smtp_server.handler.drop_connections()
     assert select.select([host.sock], [], [], 5)[0], "the server did not close the connection"

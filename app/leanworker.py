@@ -47,6 +47,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import redis.exceptions
@@ -129,8 +130,20 @@ class LeanJob(Job):
     # on a pipeline) for the worker to send with its next round trip.
     carries_sent = False
     sent_step: Callable[[Any], None] | None = None
+    # Set when the job's function already ran on a slot's thread (app/inflight.py): what
+    # it returned and what it raised, for `perform` on the worker's main thread to hand
+    # to RQ's own success and failure handling; and when it really started.
+    outcome: tuple[Any, BaseException | None] | None = None
+    ran_from: datetime | None = None
 
     def perform(self) -> Any:
+        if self.outcome is not None:
+            (result, error), self.outcome = self.outcome, None
+            self.started_at = self.ran_from or self.started_at
+            if error is not None:
+                raise error
+            self._result = result
+            return result
         if not self.persisted:
             return super().perform()
         _job_stack.push(self)
@@ -139,6 +152,14 @@ class LeanJob(Job):
         finally:
             assert self is _job_stack.pop()
         return self._result
+
+    def perform_in_slot(self) -> None:
+        """Run the job's function on this (a slot's) thread, keeping its outcome."""
+        self.ran_from = now()
+        try:
+            self.outcome = (self.perform(), None)
+        except BaseException as err:  # a timeout, SystemExit: all handed to RQ on the main thread
+            self.outcome = (None, err)
 
 
 class _QuietPerJob(logging.LoggerAdapter):  # type: ignore[type-arg,unused-ignore]
@@ -171,9 +192,9 @@ class LeanJobs(BaseWorker):
         if self.job_class is Job:
             self.job_class = LeanJob
         self._in_batch = False
-        # A lean job that succeeded, whose success (and its mail's `sent`) is written with
+        # Lean jobs that succeeded, whose success (and their mails' `sent`) is written with
         # the next registration.
-        self._pending: _Pending | None = None
+        self._pending: list[_Pending] = []
 
     # -- batches --------------------------------------------------------------------
 
@@ -265,8 +286,8 @@ class LeanJobs(BaseWorker):
                 job.claimed_attempt = replies[-1]
 
     def _flush(self, idle: bool = False) -> None:
-        """Write the pending success now (and the worker's idle state)."""
-        if self._pending is None and not idle:
+        """Write the pending successes now (and the worker's idle state)."""
+        if not self._pending and not idle:
             return
         with self.connection.pipeline() as pipeline:
             carried = self._queue_pending(pipeline, pipeline)
@@ -274,36 +295,40 @@ class LeanJobs(BaseWorker):
                 self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
             self._execute(pipeline, carried)
 
-    def _queue_pending(self, pipeline: Any, writes: Any) -> _Pending | None:
-        """Queue the pending success: its mail's `sent` on `pipeline` (first: a script,
-        which cannot run inside _RUN_WRITES), RQ's writes on `writes`. Returns what it
-        queued, for _execute."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return None
-        if pending.sent is not None:
-            pending.sent(pipeline)
-        current, self.execution = self.execution, pending.execution
-        self._write_success(pending.job, writes)
+    def _queue_pending(self, pipeline: Any, writes: Any) -> list[_Pending]:
+        """Queue the pending successes: their mails' `sent` on `pipeline` (first: a
+        script, which cannot run inside _RUN_WRITES), RQ's writes on `writes`. Returns
+        what it queued, for _execute."""
+        pending, self._pending = self._pending, []
+        for done in pending:
+            if done.sent is not None:
+                done.sent(pipeline)
+        current = self.execution
+        for done in pending:
+            self.execution = done.execution
+            self._write_success(done.job, writes)
         self.execution = current
         return pending
 
-    def _execute(self, pipeline: Any, carried: _Pending | None) -> Any:
+    def _execute(self, pipeline: Any, carried: list[_Pending]) -> Any:
         """Run `pipeline`. If it fails on the connection, the `sent` it carried may not
-        have landed: record it on its own, with record_sent's retries. If that fails too,
-        the job goes through RQ's failure path (retried, its record still `sending`), as
-        it would had `deliver` failed to record it. Either way the error is raised."""
+        have landed: record each on its own, with record_sent's retries. If that fails
+        too, the job goes through RQ's failure path (retried, its record still
+        `sending`), as it would had `deliver` failed to record it. Either way the error
+        is raised."""
         try:
             return pipeline.execute()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
-            if carried is not None and carried.sent is not None:
+            for done in carried:
+                if done.sent is None:
+                    continue
                 try:
-                    write_sent(self.connection, carried.sent)
+                    write_sent(self.connection, done.sent)
                 except redis.exceptions.RedisError:
-                    current, self.execution = self.execution, carried.execution
+                    current, self.execution = self.execution, done.execution
                     try:
                         self.handle_job_failure(
-                            carried.job, carried.queue, exc_string=f"`sent` not recorded: {err}"
+                            done.job, done.queue, exc_string=f"`sent` not recorded: {err}"
                         )
                     finally:
                         self.execution = current
@@ -331,8 +356,9 @@ class LeanJobs(BaseWorker):
             self._execute(pipeline, carried)
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
-        if self._in_batch and _is_lean(job, self.default_result_ttl):
-            return  # _start wrote it
+        ran = getattr(job, "outcome", None) is not None
+        if self._in_batch and (ran or _is_lean(job, self.default_result_ttl)):
+            return  # _start wrote it (or, for a job that ran in a slot, InFlight._launch)
         super().prepare_job_execution(job, remove_from_intermediate_queue)
 
     # -- fewer round trips per job ----------------------------------------------------
@@ -375,7 +401,7 @@ class LeanJobs(BaseWorker):
         assert job.started_at is not None and job.ended_at is not None
         if self._in_batch:
             # Written with the next job's registration (or at the end of the batch).
-            self._pending = _Pending(job, self.execution, queue, _take_sent(job))
+            self._pending.append(_Pending(job, self.execution, queue, _take_sent(job)))
             return
         with self.connection.pipeline() as pipeline:
             self._write_success(job, pipeline)

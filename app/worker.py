@@ -44,7 +44,8 @@ from rq.worker import SimpleWorker, WorkerStatus
 from app import create_app, events, status
 from app.config import load_dotenv_file
 from app.errors import ConfigError
-from app.leanworker import BATCH_SECONDS, PUT_BACK, LeanJobs
+from app.inflight import InFlight
+from app.leanworker import BATCH_SECONDS, PUT_BACK
 from app.mail import DELIVER_JOB
 from app.queues import MAIL_QUEUE, get_redis
 
@@ -125,9 +126,10 @@ def _fetch(
     return job
 
 
-class AppWorker(LeanJobs, SimpleWorker):
-    """RQ's in-process worker, inside the mailqueue Flask app, without RQ's per-job
-    overhead that a mail job does not need (app/leanworker.py)."""
+class AppWorker(InFlight, SimpleWorker):
+    """RQ's in-process worker, inside the mailqueue Flask app, with MAIL_CONCURRENCY
+    jobs in flight (app/inflight.py) and without RQ's per-job overhead that a mail job
+    does not need (app/leanworker.py)."""
 
     queue_class = AppQueue
     log_result_lifespan = False

@@ -24,6 +24,13 @@ from tests.helpers import counting_redis_writes
 from tests.servers import SMTPServer
 
 
+@pytest.fixture(autouse=True)
+def _one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These are tests of the one-at-a-time worker's batches (MAIL_CONCURRENCY=1); the
+    worker with mails in flight (app/inflight.py) has tests/test_inflight.py."""
+    monkeypatch.setenv("MAIL_CONCURRENCY", "1")
+
+
 def queue(redis: Redis, name: str = "mail") -> Queue:
     return Queue(name, connection=redis, serializer=JSONSerializer)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import shutil
@@ -133,6 +134,7 @@ class RecordingHandler:
         self.replies: list[str] = []  # one-shot replies to the next DATA commands, in order
         self.refuse_rcpt: dict[str, str] = {}  # address -> reply for RCPT TO
         self.hang_seconds = 0.0
+        self.reply_delay = 0.0  # every MAIL, RCPT and end-of-DATA reply this late (a far server)
         self.pipelining = True
         self.refuse_mail: str | None = None  # reply to MAIL FROM instead of 250
         self.mail_replies: list[str] = []  # one-shot replies to the next MAIL FROMs, in order
@@ -151,6 +153,7 @@ class RecordingHandler:
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
+        await self._lag()
         if self.mail_replies:
             return self.mail_replies.pop(0)
         if self.refuse_mail:
@@ -162,16 +165,20 @@ class RecordingHandler:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
+        await self._lag()
         reply = self.refuse_rcpt.get(address)
         if reply:
             return reply
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Envelope) -> str:
-        if self.hang_seconds:
-            import asyncio
+    async def _lag(self) -> None:
+        if self.reply_delay:
+            await asyncio.sleep(self.reply_delay)
 
+    async def handle_DATA(self, server: Any, session: Any, envelope: Envelope) -> str:
+        await self._lag()
+        if self.hang_seconds:
             await asyncio.sleep(self.hang_seconds)
         raw = envelope.original_content or envelope.content or b""
         assert isinstance(raw, bytes)
@@ -207,6 +214,7 @@ class RecordingHandler:
         self.replies = []
         self.refuse_rcpt = {}
         self.hang_seconds = 0.0
+        self.reply_delay = 0.0
         self.pipelining = True
         self.refuse_mail = None
         self.mail_replies = []

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from app import PROJECT_ROOT
-from tests.faults.harness import Report
+from tests.faults.harness import IN_FLIGHT_MODES, Report
 
 REPORT_PATH = PROJECT_ROOT / "test-artifacts" / "reliability.md"
 
@@ -30,3 +30,10 @@ def report() -> Iterator[Report]:
     collected = Report()
     yield collected
     collected.write(REPORT_PATH)
+
+
+@pytest.fixture(params=list(IN_FLIGHT_MODES))
+def mode(request: pytest.FixtureRequest) -> str:
+    """A scenario taking `mode` runs twice: with the default settings, and with several
+    mails in flight per worker against a server that delays every reply."""
+    return str(request.param)

@@ -22,6 +22,7 @@ from redis import Redis
 
 from app import PROJECT_ROOT, create_app
 from app.config import SPEC, from_environ
+from app.queues import MAIL_QUEUE
 from tests.servers import RedisServer, SMTPServer, wait_until
 
 # Short intervals keep each scenario to seconds (defaults: README, "Reliability").
@@ -125,6 +126,19 @@ class Deployment:
         job = self.redis_call(lambda r: r.hget(key, "current_job")) if key else None
         return job.decode() if job else None
 
+    def in_flight(self, worker: Worker) -> set[str]:
+        """The mail jobs `worker` is running: its executions in the started registry."""
+        key = self.worker_key(worker)
+        if key is None:
+            return set()
+        name = key.decode().removeprefix("rq:worker:").encode()
+        members = self.redis.zrange(f"rq:wip:{MAIL_QUEUE}", 0, -1)
+        return {
+            member.decode().split(":", 1)[0]
+            for member in members
+            if self.redis.hget(b"rq:execution:" + member, "worker_name") == name
+        }
+
     def smtp_down(self) -> None:
         """Stop the SMTP server: connections are refused."""
         self.smtp.stop()
@@ -178,13 +192,22 @@ class Deployment:
             raise AssertionError(f"{len(missing)} of {len(ids)} not delivered:\n{logs}")
         return time.monotonic() - started
 
-    def tally(self, ids: list[str]) -> tuple[int, int]:
-        """(lost, duplicated) by Message-ID, and nothing received that was not sent."""
+    def tally(self, ids: list[str], may_repeat: set[str] | None = None) -> tuple[int, int]:
+        """(lost, duplicated) by Message-ID, and nothing received that was not sent.
+
+        With `may_repeat` (the mails in flight when the fault hit: accepted, maybe, but
+        not yet recorded), a duplicate of any other mail, or a third copy of one, fails.
+        """
         counts = self.received()
         wanted = {self.message_id(i) for i in ids}
         assert set(counts) <= wanted, "the server received mail nobody sent"
         lost = sum(1 for m in wanted if counts[m] == 0)
         duplicated = sum(n - 1 for n in counts.values() if n > 1)
+        if may_repeat is not None:
+            allowed = {self.message_id(i) for i in may_repeat}
+            repeated = {m: n for m, n in counts.items() if n > 1}
+            assert set(repeated) <= allowed, f"duplicates of mails not in flight: {repeated}"
+            assert all(n == 2 for n in repeated.values()), f"sent 3 times or more: {repeated}"
         return lost, duplicated
 
     def status_of(self, mail_id: str) -> str:
@@ -198,9 +221,20 @@ class Deployment:
         time.sleep(seconds)
 
 
+# The worker settings the fault scenarios run under (tests/faults/conftest.py): the
+# default, and several mails in flight against a server that delays every reply.
+IN_FLIGHT_MODES: dict[str, tuple[dict[str, str], float]] = {
+    "default": ({}, 0.0),
+    "8-in-flight-20ms": ({"MAIL_CONCURRENCY": "8"}, 0.02),
+}
+
+
 @contextmanager
-def deployment(tmp_path: Path, **settings: str) -> Iterator[Deployment]:
-    world = Deployment(tmp_path, settings)
+def deployment(tmp_path: Path, mode: str = "default", **settings: str) -> Iterator[Deployment]:
+    """A scenario's world, its workers in one of IN_FLIGHT_MODES."""
+    mode_settings, reply_delay = IN_FLIGHT_MODES[mode]
+    world = Deployment(tmp_path, {**mode_settings, **settings})
+    world.smtp.handler.reply_delay = reply_delay
     try:
         yield world
     finally:

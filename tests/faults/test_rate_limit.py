@@ -30,8 +30,8 @@ def busiest_second(stamps: list[float], window: float = 1.0) -> int:
     return best
 
 
-def test_two_workers_share_one_limit(tmp_path: Path, report: Report) -> None:
-    with deployment(tmp_path, MAIL_MAX_PER_SECOND=str(LIMIT)) as world:
+def test_two_workers_share_one_limit(tmp_path: Path, report: Report, mode: str) -> None:
+    with deployment(tmp_path, mode, MAIL_MAX_PER_SECOND=str(LIMIT)) as world:
         world.start_worker()
         world.start_worker()
         ids = world.send(MAILS)
@@ -53,7 +53,7 @@ def test_two_workers_share_one_limit(tmp_path: Path, report: Report) -> None:
         assert all(done), (done, [w.tail(10) for w in world.workers])
         report.add(
             Row(
-                "provider rate limit",
+                f"provider rate limit ({mode})",
                 f"{MAILS} mails, 2 workers, MAIL_MAX_PER_SECOND={LIMIT}",
                 "none (a limit, not a fault)",
                 lost,

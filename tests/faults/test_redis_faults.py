@@ -19,8 +19,8 @@ pytestmark = pytest.mark.fault
 FAST_FAIL_LIMIT = 1.0  # seconds; "well under a few seconds"
 
 
-def test_redis_restarted_mid_burst_with_aof(tmp_path: Path, report: Report) -> None:
-    with deployment(tmp_path, MAIL_RETRY_INTERVALS="2,2,2,2,2,2,2,2,2,2") as world:
+def test_redis_restarted_mid_burst_with_aof(tmp_path: Path, report: Report, mode: str) -> None:
+    with deployment(tmp_path, mode, MAIL_RETRY_INTERVALS="2,2,2,2,2,2,2,2,2,2") as world:
         world.smtp.handler.hang_seconds = 0.1
         waiting = [f"retry{i}@example.com" for i in range(3)]
         world.smtp.handler.refuse_rcpt = dict.fromkeys(waiting, "451 4.2.0 mailbox busy")
@@ -68,14 +68,16 @@ def test_redis_restarted_mid_burst_with_aof(tmp_path: Path, report: Report) -> N
         world.wait_delivered(everything, timeout=60)
         recovered = time.monotonic() - back
         world.settle_quietly(1)
-        lost, duplicated = world.tally(everything)
+        # At most one more copy of each mail in flight when Redis died (accepted, maybe,
+        # but its `sent` not written), so at most MAIL_CONCURRENCY in all.
+        lost, duplicated = world.tally(everything, may_repeat=set(everything))
         assert lost == 0
-        assert duplicated <= 1  # at most the one in flight when Redis died
+        assert duplicated <= world.app.config["MAIL_CONCURRENCY"]
         assert worker.alive(), "the worker must survive a Redis restart"
         assert all(world.status_of(i) == status.SENT for i in everything)
         report.add(
             Row(
-                "Redis restarted (AOF)",
+                f"Redis restarted (AOF) ({mode})",
                 "20 queued + 3 scheduled + 3 retry-waiting, 1 worker",
                 f"redis-server SIGKILLed mid-burst, down {back - down:.1f} s, restarted",
                 lost,

@@ -44,8 +44,8 @@ def test_smtp_server_stopped_mid_burst(tmp_path: Path, report: Report) -> None:
         )
 
 
-def test_smtp_server_answers_451(tmp_path: Path, report: Report) -> None:
-    with deployment(tmp_path) as world:
+def test_smtp_server_answers_451(tmp_path: Path, report: Report, mode: str) -> None:
+    with deployment(tmp_path, mode) as world:
         world.smtp.handler.reply = "451 4.3.0 mail server temporarily rejected message"
         world.start_worker()
         ids = world.send(20)
@@ -61,7 +61,7 @@ def test_smtp_server_answers_451(tmp_path: Path, report: Report) -> None:
         assert all(r is not None and r.status == status.SENT and r.attempts >= 2 for r in records)
         report.add(
             Row(
-                "SMTP answers 451",
+                f"SMTP answers 451 ({mode})",
                 "20 mails, 1 worker",
                 "every DATA answered 451 until all were retrying",
                 lost,
@@ -101,8 +101,8 @@ def test_smtp_server_answers_550(tmp_path: Path, report: Report) -> None:
         )
 
 
-def test_smtp_server_hangs(tmp_path: Path, report: Report) -> None:
-    with deployment(tmp_path) as world:
+def test_smtp_server_hangs(tmp_path: Path, report: Report, mode: str) -> None:
+    with deployment(tmp_path, mode) as world:
         world.smtp.handler.hang_seconds = 5  # longer than MAIL_TIMEOUT (1 s)
         world.start_worker()
         ids = world.send(10)
@@ -116,7 +116,7 @@ def test_smtp_server_hangs(tmp_path: Path, report: Report) -> None:
         assert (lost, duplicated) == (0, 0)
         report.add(
             Row(
-                "SMTP server hangs",
+                f"SMTP server hangs ({mode})",
                 "10 mails, 1 worker",
                 "DATA unanswered for 5 s (MAIL_TIMEOUT 1 s) until 3 mails were retrying",
                 lost,

@@ -139,6 +139,10 @@ class SinkClient:
     def reset(self) -> None:
         self._ask("RESET")
 
+    def set_lag(self, ms: float) -> None:
+        """Every reply from now on `ms` late (a provider a round trip away)."""
+        self._ask(f"LAG {ms:g}")
+
     def wait_for(self, count: int, timeout: float, stall: float = 20.0) -> int:
         """Wait until the sink has `count` messages; give up at `timeout`, or after `stall`
         seconds without a new one. Returns the count reached."""

@@ -43,7 +43,7 @@ from typing import Any
 
 import psutil
 
-from bench import profile, workload
+from bench import lag, profile, workload
 from bench.procs import Child, SinkClient, run_json, wait_until
 from tests.servers import RedisServer, free_port
 
@@ -72,6 +72,8 @@ class Row:
     rate: float = math.nan
     p50_ms: float = math.nan
     p95_ms: float = math.nan
+    lag_ms: float = 0.0  # the sink's reply delay for this row (bench/lag.py)
+    connections: int = 0  # SMTP connections the sink saw opened while the row ran
     rss_mb: float = math.nan  # the largest peak RSS (VmHWM) of one of the row's processes
     rss_first_mb: float = math.nan  # sampled RSS, largest process, first and last sample
     rss_last_mb: float = math.nan
@@ -109,6 +111,7 @@ class Report:
     machine: dict[str, Any]
     args: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
+    lag_rows: list[Row] = field(default_factory=list)  # bench/lag.py
     micro: Micro = field(default_factory=Micro)
     pids: list[int] = field(default_factory=list)  # every process the run started (all stopped)
 
@@ -239,6 +242,7 @@ class Bench:
             yield submitted
             timeout = max(self.args.timeout, row.sent / 100)
             self.sink.wait_for(row.sent, timeout=timeout, stall=self.args.stall)
+        row.connections = int(self.sink.stats()["connections"])
         row.redis_ms = (_cpu(self.redis_proc) - redis_cpu) * 1000 / row.sent
         row.sink_ms = self.sink_child.cpu_since_mark() * 1000 / row.sent
         if children:
@@ -279,9 +283,9 @@ class Bench:
 
     # -- rows ------------------------------------------------------------------------------
 
-    def row_driver(self, key: str, label: str, driver: str, procs: int) -> Row:
+    def row_driver(self, key: str, label: str, driver: str, procs: int, n: int = 0) -> Row:
         """(e) and (a): one subprocess that submits and sends by itself."""
-        n = self.args.n
+        n = n or self.args.n
         row = Row(key, label, procs, n)
         with self.measured(row, []) as submitted:
             report = run_json(
@@ -304,13 +308,15 @@ class Bench:
     def row_classic(self) -> Row:
         return self.row_driver("a", "classic recipe: Flask-Mail, thread per mail", "classic", 1)
 
-    def row_celery(self) -> Row:
-        concurrency = 2
-        n = self.args.n
-        row = Row("b", f"Celery 5 prefork -c {concurrency}, Redis broker", concurrency, n)
+    def row_celery(
+        self, pool: str = "prefork", concurrency: int = 2, key: str = "b", n: int = 0
+    ) -> Row:
+        n = n or self.args.n
+        procs = concurrency if pool == "prefork" else 1
+        row = Row(key, f"Celery 5 {pool} -c {concurrency}, Redis broker", procs, n)
         argv = [
             sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker",
-            "-P", "prefork", "-c", str(concurrency), "-l", "WARNING",
+            "-P", pool, "-c", str(concurrency), "-l", "WARNING",
             "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", "bench@%h",
         ]  # fmt: skip
         from bench.celery_app import submit
@@ -330,9 +336,14 @@ class Bench:
         # prefork: the parent only dispatches; count its children as the worker processes.
         return row
 
-    def row_mailqueue(self, processes: int) -> Row:
-        row = Row(f"c{processes}", f"mailqueue transactional, {processes} worker(s)", processes, 0)
-        return self.transactional(row, lambda: self.start_workers(processes, row.key))
+    def row_mailqueue(
+        self, processes: int, settings: dict[str, str] | None = None, key: str = "", n: int = 0
+    ) -> Row:
+        label = f"mailqueue transactional, {processes} worker(s)"
+        if settings:
+            label += ", " + " ".join(f"{k}={v}" for k, v in settings.items())
+        row = Row(key or f"c{processes}", label, processes, n)
+        return self.transactional(row, lambda: self.start_workers(processes, row.key, settings))
 
     def row_floor(self) -> Row:
         """(f): (c)'s workload with 2 `bench.floor` processes in place of the workers:
@@ -348,7 +359,7 @@ class Bench:
         """Mails from `send_email()` in a loop, sent by the processes `start` returns."""
         from app.mail import send_email
 
-        n = row.sent = self.args.n
+        n = row.sent = row.sent or self.args.n
         workers = start()
         try:
             with self.app.app_context():
@@ -367,13 +378,18 @@ class Bench:
         self.attach_profile(row)
         return row
 
-    def row_digest(self) -> Row:
+    def row_digest(
+        self, settings: dict[str, str] | None = None, key: str = "d", subscribers: int = 0
+    ) -> Row:
         """(d): S daily subscribers with 3 items each, all due; the clock runs from the
         dispatcher's start (run here, as a worker would run the scheduled dispatch
         job, while 2 Procfile workers take the chunk jobs it enqueues) to the last
         digest accepted."""
-        subscribers, processes = self.args.subscribers, 2
-        row = Row("d", f"mailqueue digests, {processes} workers", processes, subscribers)
+        subscribers, processes = subscribers or self.args.subscribers, 2
+        label = f"mailqueue digests, {processes} workers"
+        if settings:
+            label += ", " + " ".join(f"{k}={v}" for k, v in settings.items())
+        row = Row(key, label, processes, subscribers)
         if importlib.util.find_spec("jobs.digest") is None:
             row.note = "skipped: jobs/digest.py is not on this branch yet"
             return row
@@ -390,7 +406,7 @@ class Bench:
                         email, f"Item {k} for subscriber {i}", f"https://x.example/{k}"
                     )
             setup = time.monotonic() - started
-            workers = self.start_workers(processes, row.key)
+            workers = self.start_workers(processes, row.key, settings)
             try:
                 self.warm_up(lambda i: _send_email(send_email, i), *workers)
                 with self.measured(row, workers) as submitted:
@@ -428,11 +444,15 @@ class Bench:
             words[0] = str(Path(sys.executable).with_name("rq"))
         return words, env
 
-    def start_workers(self, count: int, row: str) -> list[Child]:
-        """`count` Procfile workers; with --profile each runs under `py-spy record`."""
+    def start_workers(
+        self, count: int, row: str, settings: dict[str, str] | None = None
+    ) -> list[Child]:
+        """`count` Procfile workers (with `settings` in their environment); with --profile
+        each runs under `py-spy record`."""
         from redis import Redis
 
         argv, env = self.worker_argv()
+        env.update(settings or {})
         workers = []
         for k in range(count):
             name = f"worker-{row}-{k}"
@@ -576,6 +596,10 @@ def run(args: argparse.Namespace) -> tuple[Report, Path]:
         plan.append(("f", bench.row_floor))
     if "d" in selected:
         plan.append(("d", bench.row_digest))
+    lag_plan = []
+    if "lag" in selected and args.lag_ms:
+        lags = sorted(set([0.0, *args.lag_ms]))
+        lag_plan = lag.plan(bench, lags, args.lag_n, args.lag_subscribers)
     _on_signals_exit()
     try:
         bench.start()
@@ -594,6 +618,11 @@ def run(args: argparse.Namespace) -> tuple[Report, Path]:
         for key, _ in plan:
             rounds = sorted(by_key[key], key=lambda r: (r.complete, _nan_low(r.rate)))
             report.rows.append(rounds[len(rounds) // 2])
+        for key, at, make in lag_plan:
+            _log(f"lag {at:g} ms: row {key}")
+            row = make()
+            _log(f"  {row.received}/{row.sent} mails, {row.rate:.0f}/s, {row.connections} conns")
+            report.lag_rows.append(row)
     finally:
         bench.close()
     report.pids = sorted(bench.pids)
@@ -663,6 +692,7 @@ def render(report: Report) -> str:
             f"{_f(r.sink_ms, 2)} | {drift} | {notes} |"
         )
     lines += budget(report)
+    lines += lag.render(report.lag_rows)
     for r in rows:
         if r.profile:
             lines += ["", profile.render(f"Profile of ({r.key})", r.profile, r.cpu_ms)]
@@ -740,8 +770,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-n", type=int, default=2000, help="mails per row (default 2000)")
     parser.add_argument(
         "--rows",
-        default="micro,e,e0,a,b,c,f,d",
-        help="comma-separated rows: micro,e,e0,a,b,c,f,d (default: all)",
+        default="micro,e,e0,a,b,c,f,d,lag",
+        help="comma-separated rows: micro,e,e0,a,b,c,f,d,lag (default: all)",
+    )
+    parser.add_argument(
+        "--lag-ms",
+        type=lambda s: [float(x) for x in s.split(",") if x.strip()],
+        default=[0.0, 50.0],
+        help="SMTP reply delays for the lag table (bench/lag.py), 0 always included "
+        "(default 0,50; e.g. 0,20,50,100)",
+    )
+    parser.add_argument("--lag-n", type=int, default=1000, help="mails per lag row (default 1000)")
+    parser.add_argument(
+        "--lag-subscribers",
+        type=int,
+        default=10_000,
+        help="digest subscribers for the lag table's (d64) rows (default 10,000)",
     )
     parser.add_argument(
         "--workers",

@@ -15,6 +15,9 @@ time is its own. A line protocol on the control port serves the harness:
     STATS  -> {"messages": n, "cpu": seconds, "connections": n}
     DUMP   -> {"<message-id>": [first accepted, times seen], ...}
     RESET  -> forget everything received so far
+    LAG ms -> from now on, send every reply (the greeting too) `ms` milliseconds late:
+              a provider a round trip away (replies to pipelined commands still go
+              out together, in order)
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Stats:
         self.messages = 0
         self.connections = 0
         self.seen: dict[bytes, list[float | int]] = {}
+        self.lag = 0.0  # seconds every reply is held back
 
     def accept(self, data: bytes) -> None:
         now = time.monotonic()
@@ -58,12 +62,31 @@ class SMTPSession(asyncio.Protocol):
         self.buffer = b""
         self.in_data = False
         self.transport: asyncio.Transport | None = None
+        self.due = 0.0  # when the latest held-back reply goes out (keeps them in order)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.stats.connections += 1
-        transport.write(b"220 bench-sink ESMTP\r\n")
+        self.reply(b"220 bench-sink ESMTP\r\n", close=False)
+
+    def reply(self, data: bytes, close: bool) -> None:
+        """Write `data` (then close), now or `stats.lag` seconds from now."""
+        if self.stats.lag <= 0:
+            self._write(data, close)
+            return
+        loop = asyncio.get_running_loop()
+        self.due = max(loop.time() + self.stats.lag, self.due + 1e-6)
+        loop.call_at(self.due, self._write, data, close)
+
+    def _write(self, data: bytes, close: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if data:
+            transport.write(data)
+        if close:
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -110,9 +133,7 @@ class SMTPSession(asyncio.Protocol):
                 break
             else:
                 replies.append(b"502 not implemented\r\n")
-        transport.write(b"".join(replies))
-        if close:
-            transport.close()
+        self.reply(b"".join(replies), close)
 
 
 class Control(asyncio.Protocol):
@@ -142,6 +163,9 @@ class Control(asyncio.Protocol):
                 }
             elif command == b"DUMP":
                 reply = {k.decode(): v for k, v in self.stats.seen.items()}
+            elif command.startswith(b"LAG "):
+                self.stats.lag = float(command[4:]) / 1000
+                reply = {"lag_ms": self.stats.lag * 1000}
             elif command == b"RESET":
                 fresh = Stats()
                 self.stats.messages, self.stats.seen = fresh.messages, fresh.seen

@@ -36,6 +36,7 @@ import math
 import queue as stdlib_queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,7 @@ from rq.queue import Queue
 from rq.suspension import is_suspended
 from rq.timeouts import JobTimeoutException
 
-from app.leanworker import PUT_BACK, LeanJob, LeanJobs, _is_lean
+from app.leanworker import BATCH_SECONDS, PUT_BACK, LeanJob, LeanJobs, _is_lean
 from app.smtp import get_mailer
 
 log = logging.getLogger("mailqueue.inflight")
@@ -54,6 +55,23 @@ log = logging.getLogger("mailqueue.inflight")
 # Longest the main thread waits for a job to end before it looks at deadlines,
 # heartbeats and maintenance again.
 TICK_SECONDS = 0.5
+# Mails run inline while some mail of the last few waited on the server less than this
+# (seconds). A slot thread costs about 0.5 ms of CPU a mail (measured: 1.5-2.2 ms against
+# 1.2-1.4 inline), which only pays off if the wait it hides is not CPU the machine would
+# spend anyway: on loopback with the bench's five processes on two cores, mails wait
+# 1-2.5 ms just for the server process to be scheduled, while a provider a few ms away
+# makes every mail wait two round trips.
+INLINE_WAIT = 0.005
+# How often a worker using slots tries mail inline again, to see if the server got fast,
+# and how many mails it tries (at 50 ms from the provider: 0.3 s in 30).
+PROBE_SECONDS = 30.0
+PROBE_MAILS = 3
+# Inline mails whose shortest wait decides (a slow server shows after this many).
+WAIT_WINDOW = 8
+# Most jobs claimed ahead of free slots (see InFlight._refill).
+RESERVE = 8
+# While jobs run, a queue found empty is asked again only after this many seconds.
+EMPTY_BACKOFF = 0.02
 # After its deadline fired, a job still running this long is logged as stuck (a
 # thread cannot be killed: its slot stays taken until the function returns).
 STUCK_SECONDS = 10.0
@@ -114,25 +132,61 @@ class InFlight(LeanJobs):
         self._threads_lock = threading.Lock()
         self._last_suspension_poll = 0.0
         self._suspended = False
+        # Jobs claimed beyond the free slots, started as slots free up (a claim costs two
+        # round trips whatever its size): a few, so a higher queue's new job waits little.
+        self.reserve = min(RESERVE, self.concurrency // 2)
+        self._next_claim = 0.0
+        self._claimed_at = 0.0
+        # Slots or not: with a fast server (loopback, a relay on the LAN) a thread per
+        # mail costs more than it hides (measured: ~30% more worker CPU a mail), so a
+        # worker runs mail inline while mails wait less than INLINE_WAIT each on average,
+        # and tries that again every PROBE_SECONDS while it uses slots.
+        self._inline = False
+        self._probing = False
+        self._probe_waits: list[float] = []
+        self._probe_at = 0.0
+        self._waits: deque[float] = deque(maxlen=WAIT_WINDOW)  # the last inline mails' waits
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         if self.concurrency <= 1 or not isinstance(job, LeanJob):
             super().execute_job(job, queue)
             return
+        if _is_lean(job, self.default_result_ttl) and (
+            self._inline or time.monotonic() >= self._probe_at
+        ):
+            # One at a time on this thread (app/leanworker.py's batch), timing each
+            # mail's wait; the batch ends at the first sign of a slow server. A probe
+            # may span batches (a quiet queue hands out one mail at a time).
+            if not self._inline and not self._probing:
+                self._probing, self._probe_waits = True, []
+            super().execute_job(job, queue)
+            if not self._probing:
+                self._probe_at = time.monotonic() + PROBE_SECONDS
+            return
+        if not _is_lean(job, self.default_result_ttl):
+            # A digest chunk (or any job not a mail) always takes a slot; a mail that
+            # comes after it is tried inline again only PROBE_SECONDS later.
+            self._probe_at = max(self._probe_at, time.monotonic() + PROBE_SECONDS)
         claimed: list[tuple[LeanJob, Queue]] = [(job, queue)]
+        self._claimed_at = time.monotonic()
         self._in_batch = True
         try:
             while True:
-                free = self.concurrency - len(self._slots)
-                if free > len(claimed) and self._may_claim():
-                    claimed += self._claim_any(free - len(claimed))
-                while claimed:
+                self._refill(claimed)
+                while claimed and len(self._slots) < self.concurrency:
                     self._launch(*claimed.pop(0))
                 self._flush()
                 if not self._slots:
                     break
                 self._finish(self._wait())
                 self._tend()
+                if claimed and (
+                    self._stop_requested or time.monotonic() - self._claimed_at > BATCH_SECONDS
+                ):
+                    # Stopping, or waited too long for a slot (slow jobs): back to the
+                    # queue, where another worker may take them, long before maintenance.
+                    self._release_claimed(claimed)
+                    claimed.clear()
         except redis.exceptions.RedisError as err:
             # Redis went away: stop taking jobs, but see the running ones through, so
             # none loses what it did (their `sent` is written with record_sent's retries).
@@ -146,15 +200,57 @@ class InFlight(LeanJobs):
 
     # -- filling slots ----------------------------------------------------------------
 
+    def _end_batch_after(self, job: Job) -> bool:
+        """After each inline mail: end the batch, so the next jobs go to slots, once the
+        mails' waits say the server is slow. A probe looks at PROBE_MAILS mails (the
+        first may open a connection) and takes their shortest wait; after it, the
+        shortest of the last few waits decides: a far
+        server makes every mail wait its round trips, a busy machine only some (measured
+        on loopback with the bench's five processes on two cores: 0.7 ms to 20 ms)."""
+        if self.concurrency <= 1:
+            return False
+        waited = getattr(job, "waited", 0.0)
+        if self._probing:
+            self._probe_waits.append(waited)
+            if len(self._probe_waits) < PROBE_MAILS:
+                return False  # keep probing
+            self._probing = False
+            self._inline = min(self._probe_waits) < INLINE_WAIT
+            self._waits.clear()
+        else:
+            self._waits.append(waited)
+            self._inline = len(self._waits) < WAIT_WINDOW or min(self._waits) < INLINE_WAIT
+        return not self._inline
+
     def _may_claim(self) -> bool:
-        """Not stopping, and not suspended (`rq suspend`, polled at most once a second)."""
-        if self._stop_requested:
+        """Not stopping, not suspended (`rq suspend`, polled at most once a second), and
+        not due to try a mail inline again (PROBE_SECONDS)."""
+        if self._stop_requested or time.monotonic() >= self._probe_at:
             return False
         moment = time.monotonic()
         if moment - self._last_suspension_poll >= 1.0:
             self._last_suspension_poll = moment
             self._suspended = bool(is_suspended(self.connection, self))
         return not self._suspended
+
+    def _refill(self, claimed: list[tuple[LeanJob, Queue]]) -> None:
+        """Claim more jobs when the claimed ones will not fill the free slots: enough for
+        them and a reserve, so that one claim (two round trips) serves several jobs. A
+        queue found empty is not asked again for EMPTY_BACKOFF seconds while jobs run."""
+        free = self.concurrency - len(self._slots)
+        if len(claimed) >= free or not self._may_claim():
+            return
+        moment = time.monotonic()
+        if self._slots and moment < self._next_claim:
+            return
+        wanted = free + self.reserve - len(claimed)
+        got = self._claim_any(wanted)
+        if len(got) < wanted:
+            self._next_claim = moment + EMPTY_BACKOFF
+        if got:
+            if not claimed:
+                self._claimed_at = moment
+            claimed += got
 
     def _claim_any(self, count: int) -> list[tuple[LeanJob, Queue]]:
         """Up to `count` more jobs, from the first of the worker's queues that has work,

@@ -135,6 +135,7 @@ class LeanJob(Job):
     # to RQ's own success and failure handling; and when it really started.
     outcome: tuple[Any, BaseException | None] | None = None
     ran_from: datetime | None = None
+    waited = 0.0  # see perform
 
     def perform(self) -> Any:
         if self.outcome is not None:
@@ -147,9 +148,12 @@ class LeanJob(Job):
         if not self.persisted:
             return super().perform()
         _job_stack.push(self)
+        wall, cpu = time.perf_counter(), time.thread_time()
         try:
             self._result = self._execute()
         finally:
+            # Seconds it spent waiting (on the SMTP server, mostly), not computing.
+            self.waited = (time.perf_counter() - wall) - (time.thread_time() - cpu)
             assert self is _job_stack.pop()
         return self._result
 
@@ -216,6 +220,8 @@ class LeanJobs(BaseWorker):
                     if isinstance(current, LeanJob):
                         current.carries_sent = True
                     self.perform_job(current, queue)
+                    if self._end_batch_after(current):
+                        break
                 else:
                     self._flush()
                     super().execute_job(current, queue)  # not ours: RQ's own way
@@ -235,6 +241,10 @@ class LeanJobs(BaseWorker):
                         len(jobs) - done,
                         err,
                     )
+
+    def _end_batch_after(self, job: Job) -> bool:
+        """Whether the batch should stop after `job` (app/inflight.py: a slow server)."""
+        return False
 
     def _claim(self, queue: Queue, count: int) -> list[Job]:
         """Up to `count` more jobs of `queue`, moved to its intermediate list."""

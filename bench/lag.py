@@ -34,7 +34,7 @@ KINDS = ("c", "c64", "c1", "a", "bt", "b", "d64")
 
 
 def plan(
-    bench: Bench, lags: list[float], n: int, subscribers: int
+    bench: Bench, lags: list[float], n: int, subscribers: int, kinds: list[str]
 ) -> list[tuple[str, float, Callable[[], Row]]]:
     """(key, lag, make) for every lag row, the lags in the order given (0 first)."""
     steps: list[tuple[str, float, Callable[[], Row]]] = []
@@ -48,7 +48,7 @@ def plan(
             "b": lambda: bench.row_celery("prefork", 2, key="b", n=max(20, n // 10)),
             "d64": lambda: bench.row_digest(CONCURRENCY_64, key="d64", subscribers=subscribers),
         }
-        for key in KINDS:
+        for key in kinds:
             steps.append((key, lag, _at_lag(bench, lag, makers[key])))
     return steps
 

@@ -599,7 +599,7 @@ def run(args: argparse.Namespace) -> tuple[Report, Path]:
     lag_plan = []
     if "lag" in selected and args.lag_ms:
         lags = sorted(set([0.0, *args.lag_ms]))
-        lag_plan = lag.plan(bench, lags, args.lag_n, args.lag_subscribers)
+        lag_plan = lag.plan(bench, lags, args.lag_n, args.lag_subscribers, args.lag_rows)
     _on_signals_exit()
     try:
         bench.start()
@@ -779,6 +779,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[0.0, 50.0],
         help="SMTP reply delays for the lag table (bench/lag.py), 0 always included "
         "(default 0,50; e.g. 0,20,50,100)",
+    )
+    parser.add_argument(
+        "--lag-rows",
+        type=lambda s: [k for k in s.split(",") if k],
+        default=list(lag.KINDS),
+        help=f"rows of the lag table (default all: {','.join(lag.KINDS)})",
     )
     parser.add_argument("--lag-n", type=int, default=1000, help="mails per lag row (default 1000)")
     parser.add_argument(

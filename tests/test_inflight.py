@@ -12,11 +12,13 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from app import status
+from app import inflight, status
 from app.inflight import effective_concurrency
 from app.mail import send_email
 from app.worker import AppWorker
 from tests.servers import SMTPServer
+
+PROBE = inflight.PROBE_MAILS  # a worker's first mails run inline, timing the server
 
 
 def queue(redis: Redis, name: str = "mail") -> Queue:
@@ -34,7 +36,7 @@ def concurrency(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], Non
 class Overlap:
     """Counts SMTP transactions open at once at the server (MAIL FROM to end of DATA)."""
 
-    def __init__(self, smtp: SMTPServer) -> None:
+    def __init__(self, smtp: SMTPServer, monkeypatch: pytest.MonkeyPatch) -> None:
         self.open = 0
         self.most = 0
         self.lock = threading.Lock()
@@ -56,8 +58,9 @@ class Overlap:
                 with self.lock:
                     self.open -= 1
 
-        handler.handle_MAIL = counted_mail  # type: ignore[method-assign]
-        handler.handle_DATA = counted_data  # type: ignore[method-assign]
+        # The server outlives the test: its handler is patched for this test only.
+        monkeypatch.setattr(handler, "handle_MAIL", counted_mail)
+        monkeypatch.setattr(handler, "handle_DATA", counted_data)
 
 
 def test_mails_go_out_several_at_once_each_on_a_connection_of_its_own(
@@ -66,10 +69,11 @@ def test_mails_go_out_several_at_once_each_on_a_connection_of_its_own(
     redis_client: Redis,
     work: Callable[[], AppWorker],
     concurrency: Callable[[int], None],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     concurrency(4)
     smtp_server.handler.reply_delay = 0.05  # a server a round trip away
-    overlap = Overlap(smtp_server)
+    overlap = Overlap(smtp_server, monkeypatch)
     ids = [send_email(f"user{i}@example.com", f"Hello {i}", "test").id for i in range(20)]
     work()
 
@@ -90,6 +94,7 @@ def test_the_started_registry_names_every_mail_in_flight(
     redis_client: Redis,
     work: Callable[[], AppWorker],
     concurrency: Callable[[int], None],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     concurrency(3)
     smtp_server.handler.hang_seconds = 0.5  # every DATA waits: all three are in flight
@@ -106,7 +111,7 @@ def test_the_started_registry_names_every_mail_in_flight(
         reply: str = await data(*args)
         return reply
 
-    smtp_server.handler.handle_DATA = look  # type: ignore[method-assign]
+    monkeypatch.setattr(smtp_server.handler, "handle_DATA", look)
     for i in range(6):
         send_email(f"user{i}@example.com", f"Hello {i}", "test")
     worker = work()
@@ -143,15 +148,18 @@ def test_a_stuck_mail_times_out_while_the_others_finish(
         reply: str = await data(server, session, envelope)
         return reply
 
-    smtp_server.handler.handle_DATA = hang_for_stuck  # type: ignore[method-assign]
+    monkeypatch.setattr(smtp_server.handler, "handle_DATA", hang_for_stuck)
+    # A server a round trip away: after its probe (mails inline) the worker uses slots.
+    smtp_server.handler.reply_delay = 0.02
+    others = [send_email(f"probe{i}@example.com", "First", "test").id for i in range(PROBE)]
     stuck = send_email("stuck@example.com", "Stuck", "test").id
-    others = [send_email(f"user{i}@example.com", f"Hello {i}", "test").id for i in range(12)]
+    others += [send_email(f"user{i}@example.com", f"Hello {i}", "test").id for i in range(11)]
     try:
         work()
     finally:
         release.set()
 
-    assert len(smtp_server.wait_for(12)) == 12
+    assert len(smtp_server.wait_for(len(others))) == len(others)
     assert all(status.load(redis_client, i).status == status.SENT for i in others)  # type: ignore[union-attr]
     record = status.load(redis_client, stuck)
     assert record is not None and record.status == status.RETRYING
@@ -168,6 +176,7 @@ def test_a_warm_shutdown_finishes_every_mail_in_flight_and_starts_no_more(
     redis_client: Redis,
     env: dict[str, str],
     concurrency: Callable[[int], None],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     concurrency(4)
     smtp_server.handler.hang_seconds = 0.3
@@ -175,19 +184,26 @@ def test_a_warm_shutdown_finishes_every_mail_in_flight_and_starts_no_more(
     worker = AppWorker(["mail", "digests"])
     data = smtp_server.handler.handle_DATA
 
-    async def stop_at_first(*args: Any) -> str:
-        worker._stop_requested = True  # what RQ's SIGTERM handler sets on a busy worker
+    datas = 0
+
+    async def stop_in_slots(*args: Any) -> str:
+        # The first mails are the worker's inline probe (a slow server: it switches to
+        # slots); at the next, four are in flight.
+        nonlocal datas
+        datas += 1
+        if datas == PROBE + 1:
+            worker._stop_requested = True  # what RQ's SIGTERM handler sets on a busy worker
         reply: str = await data(*args)
         return reply
 
-    smtp_server.handler.handle_DATA = stop_at_first  # type: ignore[method-assign]
+    monkeypatch.setattr(smtp_server.handler, "handle_DATA", stop_in_slots)
     worker.work(burst=True, logging_level="WARNING")
 
     sent = [i for i in ids if status.load(redis_client, i).status == status.SENT]  # type: ignore[union-attr]
-    assert len(sent) == 4, "the four in flight finish; no fifth starts"
-    assert len(smtp_server.messages) == 4
+    assert len(sent) == PROBE + 4, "the probe's and the four in flight finish; no more start"
+    assert len(smtp_server.messages) == PROBE + 4
     q = queue(redis_client)
-    assert q.count == 16
+    assert q.count == 20 - PROBE - 4
     assert q.started_job_registry.count == 0
     assert redis_client.llen(q.intermediate_queue_key) == 0
 
@@ -207,7 +223,7 @@ def test_digest_chunks_run_in_flight_beside_mail(
     monkeypatch.setenv("DIGEST_CHUNK_SIZE", "2")
     app_ctx.config["DIGEST_CHUNK_SIZE"] = 2
     smtp_server.handler.reply_delay = 0.02
-    overlap = Overlap(smtp_server)
+    overlap = Overlap(smtp_server, monkeypatch)
     for i in range(8):
         email = f"sub{i}@example.com"
         digests.upsert_subscriber(email, "UTC", "daily", hour=0)
@@ -217,10 +233,33 @@ def test_digest_chunks_run_in_flight_beside_mail(
     work()
 
     received = smtp_server.wait_for(8)
-    assert sorted(r.rcpt_tos[0] for r in received) == sorted(f"sub{i}@example.com" for i in range(8))
+    assert sorted(r.rcpt_tos[0] for r in received) == sorted(
+        f"sub{i}@example.com" for i in range(8)
+    )
     assert overlap.most >= 2, "the chunks should be delivered side by side"
     q = queue(redis_client, "digests")
     assert (q.count, q.started_job_registry.count, q.failed_job_registry.count) == (0, 0, 0)
+
+
+def test_with_a_fast_server_mail_runs_inline_one_at_a_time(
+    app_ctx: Flask,
+    smtp_server: SMTPServer,
+    redis_client: Redis,
+    work: Callable[[], AppWorker],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Loopback: a slot thread per mail would cost more CPU than the wait it hides. (This
+    test's server shares the test's process and GIL, so its replies take a millisecond
+    or two: the threshold is raised to stand for a server that fast.)"""
+    monkeypatch.setattr(inflight, "INLINE_WAIT", 0.05)
+    overlap = Overlap(smtp_server, monkeypatch)
+    ids = [send_email(f"user{i}@example.com", f"Hello {i}", "test").id for i in range(40)]
+    work()
+
+    assert len(smtp_server.wait_for(40)) == 40
+    assert all(status.load(redis_client, i).status == status.SENT for i in ids)  # type: ignore[union-attr]
+    assert overlap.most == 1
+    assert len(smtp_server.handler.connections) == 1
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,7 @@ class MailMessage(Message):
 
     Flask-Mail flattens an email.message tree under the `SMTP` policy, which
     re-parses every header through the header registry: about 1 ms a mail, most of
-    a worker's CPU (see README, Performance). `as_bytes` writes the same MIME
+    a worker's CPU (see docs/performance.md). `as_bytes` writes the same MIME
     structure in a few tens of microseconds; any other shape (attachments, cc,
     reply-to, other alternatives or charsets) keeps Flask-Mail's own path.
     """

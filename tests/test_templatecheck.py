@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import Result
 from flask import Flask
-from jinja2 import ChoiceLoader, FileSystemLoader
 
 from app.mail import render_email
 
 GOOD_SAMPLE = json.dumps({"subject": "Hi", "to": "ann@example.com", "context": {"name": "Ann"}})
 
 
-def check(app: Flask, tmp_path: Path, files: dict[str, str]) -> Result:
+def check(
+    app: Flask, add: Callable[[Flask, dict[str, str]], None], files: dict[str, str]
+) -> Result:
     """Run the command on the project's templates plus `files` (paths under templates/)."""
-    for name, source in files.items():
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(source)
-    original = app.jinja_env.loader
-    assert original is not None
-    app.jinja_env.loader = ChoiceLoader([FileSystemLoader(str(tmp_path)), original])
+    add(app, files)
     return app.test_cli_runner().invoke(args=["mail", "check-templates"])
 
 
@@ -33,10 +30,10 @@ def test_the_projects_own_templates_pass(app: Flask) -> None:
     assert result.stdout == "2 templates render with their samples\n"  # digest, test
 
 
-def test_a_good_template_of_ones_own_passes(app: Flask, tmp_path: Path) -> None:
+def test_a_good_template_of_ones_own_passes(app: Flask, extra_templates: Any) -> None:
     result = check(
         app,
-        tmp_path,
+        extra_templates,
         {
             "email/hello.txt": (
                 "{% extends 'email/_layout.txt' %}{% block content %}Hi {{ name }}{% endblock %}"
@@ -117,9 +114,9 @@ def test_a_good_template_of_ones_own_passes(app: Flask, tmp_path: Path) -> None:
     ],
 )
 def test_each_problem_fails_the_check_and_names_template_and_line(
-    app: Flask, tmp_path: Path, files: dict[str, str], expected: list[str]
+    app: Flask, tmp_path: Path, extra_templates: Any, files: dict[str, str], expected: list[str]
 ) -> None:
-    result = check(app, tmp_path, files)
+    result = check(app, extra_templates, files)
     assert result.exit_code == 1
     assert result.stdout == ""
     problem, summary = result.stderr.splitlines()
@@ -130,7 +127,9 @@ def test_each_problem_fails_the_check_and_names_template_and_line(
     assert summary == "1 of 3 templates have problems"
 
 
-def test_undefined_variables_are_errors_only_while_checking(app: Flask, tmp_path: Path) -> None:
-    check(app, tmp_path, {"email/loose.txt": "Hi {{ name }}!\n"})
+def test_undefined_variables_are_errors_only_while_checking(
+    app: Flask, extra_templates: Any
+) -> None:
+    check(app, extra_templates, {"email/loose.txt": "Hi {{ name }}!\n"})
     with app.app_context():
         assert render_email("loose").text == "Hi !"  # the app's own rendering is unchanged

@@ -7,6 +7,7 @@ unreachable Redis answers 503; nothing answers a bare 500 page.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import re
 from datetime import datetime
@@ -20,6 +21,7 @@ from werkzeug.exceptions import BadRequest, HTTPException
 from werkzeug.routing import BaseConverter
 
 from app import digests, status
+from app.digests.periods import _zone_names as zone_names
 from app.errors import InvalidMailError, QueueUnavailableError, SubscriberNotFoundError
 from app.mail import enqueue, prepare
 from app.queues import QUEUE_NAMES, SIZE_NAMES, get_queue, get_redis, queue_sizes
@@ -231,8 +233,23 @@ def post_item(email: str) -> tuple[Response, int]:
 
 @bp.get("/openapi.json")
 def openapi() -> Response:
-    """The OpenAPI 3 description of every route (app/openapi.json, kept by hand)."""
-    return current_app.response_class(OPENAPI_PATH.read_bytes(), mimetype="application/json")
+    """The OpenAPI 3 description of every route (app/openapi.json, kept by hand), with
+    this server's time zones and mail templates as the enums of those fields."""
+    doc = json.loads(OPENAPI_PATH.read_bytes())
+    timezone = doc["components"]["schemas"]["Subscriber"]["properties"]["timezone"]
+    timezone["enum"] = sorted(zone_names())
+    doc["components"]["schemas"]["NewMail"]["properties"]["template"]["enum"] = mail_templates()
+    return jsonify(doc)
+
+
+def mail_templates() -> list[str]:
+    """Every `email/<name>.txt` a mail can name (not the `_` partials)."""
+    names = []
+    for path in current_app.jinja_env.list_templates(extensions=["txt"]):
+        name = path.removeprefix("email/").removesuffix(".txt")
+        if path.startswith("email/") and not any(p.startswith("_") for p in name.split("/")):
+            names.append(name)
+    return sorted(names)
 
 
 @health.get("/healthz")
@@ -275,7 +292,12 @@ def _unavailable(err: Exception) -> Response:
 def _http_error(err: HTTPException) -> Response | HTTPException:
     """JSON for API paths and oversize bodies; Flask's page elsewhere."""
     if request.path.startswith("/api/") or err.code == 413:
-        return error_response(err.code or 500, err.description or err.name)
+        response = error_response(err.code or 500, err.description or err.name)
+        # The error's own headers stay: a 405's Allow (RFC 9110 requires it), for one.
+        for name, value in err.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
     return err
 
 

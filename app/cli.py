@@ -15,7 +15,7 @@ from flask.cli import AppGroup
 from rq.job import Job
 from rq.results import Result
 
-from app import digests, status
+from app import digests, status, templatecheck
 from app.errors import (
     InvalidMailError,
     MailNotFailedError,
@@ -40,6 +40,19 @@ def send_test(address: str) -> None:
     except (InvalidMailError, QueueUnavailableError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"queued test mail {job.id} to {address}")
+
+
+@mail_cli.command("check-templates")
+def check_templates() -> None:
+    """Render every template under templates/email/ with its .preview.json sample, both
+    parts, undefined variables as errors; exit 1 naming template and line of each problem."""
+    names, problems = templatecheck.check_templates()
+    for problem in problems:
+        click.echo(str(problem), err=True)
+    if problems:
+        click.echo(f"{len(problems)} of {len(names)} templates have problems", err=True)
+        raise SystemExit(1)
+    click.echo(f"{len(names)} templates render with their samples")
 
 
 @digest_cli.command("run")

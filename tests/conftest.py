@@ -10,6 +10,7 @@ import pytest
 import trustme
 from flask import Flask
 from flask.testing import FlaskClient
+from jinja2 import ChoiceLoader, FileSystemLoader
 from redis import Redis
 
 from app import create_app, queues, smtp
@@ -184,3 +185,19 @@ def deliver_to_outbox(outbox: Path) -> Callable[[Flask, list[str]], list[Path]]:
         return paths
 
     return deliver
+
+
+@pytest.fixture
+def extra_templates(tmp_path: Path) -> Callable[[Flask, dict[str, str]], None]:
+    """Add templates (path under templates/ -> source) to an app, in front of the real ones."""
+
+    def add(app: Flask, files: dict[str, str]) -> None:
+        for name, source in files.items():
+            path = tmp_path / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(source)
+        original = app.jinja_env.loader
+        assert original is not None
+        app.jinja_env.loader = ChoiceLoader([FileSystemLoader(str(tmp_path)), original])
+
+    return add

@@ -5,13 +5,10 @@ from __future__ import annotations
 import html
 import json
 import re
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
-from jinja2 import ChoiceLoader, FileSystemLoader
 from redis import Redis
 
 from app import PROJECT_ROOT, create_app, digests
@@ -23,22 +20,6 @@ from tests.servers import SMTPServer
 @pytest.fixture
 def debug_app(env: dict[str, str]) -> Flask:
     return create_app({"TESTING": True, "DEBUG": True})
-
-
-@pytest.fixture
-def extra_templates(tmp_path: Path) -> Callable[[Flask, dict[str, str]], None]:
-    """Add templates (path under templates/ -> source) to an app, in front of the real ones."""
-
-    def add(app: Flask, files: dict[str, str]) -> None:
-        for name, source in files.items():
-            path = tmp_path / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(source)
-        original = app.jinja_env.loader
-        assert original is not None
-        app.jinja_env.loader = ChoiceLoader([FileSystemLoader(str(tmp_path)), original])
-
-    return add
 
 
 def test_index_lists_templates_but_not_layout_partials(debug_app: Flask) -> None:

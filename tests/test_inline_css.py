@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 import pytest
 from flask import Flask
 
-from app import mail
 from app.mail import inline_css, render_email, send_email
+from app.mail import rendering as mail
 from tests.servers import SMTPServer
 
 

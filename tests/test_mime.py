@@ -133,12 +133,12 @@ def test_building_messages_resolves_the_host_name_once(
     """Flask-Mail's Message() would call socket.getfqdn() (reverse DNS) for every mail."""
     import socket
 
-    import app.mail
+    import app.mail.mime
 
     lookups: list[str] = []
     monkeypatch.setattr(socket, "getfqdn", lambda name="": lookups.append(name) or "host.test")
-    app.mail._host_fqdn.cache_clear()
+    app.mail.mime._host_fqdn.cache_clear()
     messages = [MailMessage(subject="Hi", recipients=["ann@example.com"]) for _ in range(3)]
-    app.mail._host_fqdn.cache_clear()  # forget the fake name
+    app.mail.mime._host_fqdn.cache_clear()  # forget the fake name
     assert len(lookups) == 1
     assert all(m.msgId.endswith("@host.test>") for m in messages)

@@ -15,8 +15,8 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app import mail
 from app.errors import InvalidAddressError
+from app.mail import addresses as mail
 from app.mail import plain_address, validate_address
 
 

@@ -17,7 +17,7 @@ from rq import Retry
 from rq.job import Job
 from rq.utils import str_to_date
 
-from app import mail, status
+from app import status
 from app.errors import (
     InvalidAddressError,
     InvalidMailError,
@@ -25,6 +25,7 @@ from app.errors import (
     TemplateNotFoundError,
 )
 from app.mail import DELIVER_JOB, send_email, send_many
+from app.mail import enqueueing as mail
 from app.queues import get_queue
 from app.worker import AppWorker
 from tests.helpers import failing_pipelines

@@ -1,0 +1,123 @@
+"""The digest message: its stable mail id, record, subject, headers and the context its
+template renders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, date, datetime
+from typing import Any
+
+from app import status
+from app.digests.periods import is_weekly_period
+from app.digests.subscribers import Subscriber
+from app.digests.tokens import unsubscribe_url
+from app.digests.validation import DEFAULT_KIND
+
+DIGEST_TEMPLATE = "digest"
+
+
+def digest_mail_id(email: str, period: str, gen: str) -> str:
+    """The same id on every attempt at one subscriber's period (a stable Message-ID, and a
+    retry sees `sent`); `gen` makes a deleted and re-created subscriber's differ."""
+    return hashlib.sha256(f"digest\n{email}\n{period}\n{gen}".encode()).hexdigest()[:32]
+
+
+def digest_record(
+    subscriber: Subscriber, period: str, count: int, unsubscribe: str | None = None
+) -> status.MailRecord:
+    """The mail record of one digest. Its context is a summary: the job renders from
+    the claimed items, which are kept until the mail is accepted. `unsubscribe`: the
+    subscriber's unsubscribe_url, when the caller has it already."""
+    frequency = subscriber.schedule.frequency
+    return status.MailRecord(
+        id=digest_mail_id(subscriber.email, period, subscriber.gen),
+        to=[subscriber.email],
+        subject=digest_subject(frequency, count),
+        template=DIGEST_TEMPLATE,
+        context={"period": period, "frequency": frequency, "items": count},
+        kind="digest",
+        headers=digest_headers(subscriber.email, unsubscribe),
+    )
+
+
+def digest_subject(frequency: str, count: int) -> str:
+    return f"Your {frequency} digest: {count} new item{'' if count == 1 else 's'}"
+
+
+def digest_headers(email: str, unsubscribe: str | None = None) -> dict[str, str]:
+    """RFC 8058 one-click unsubscribe and RFC 3834 auto-generated marking."""
+    return {
+        "List-Unsubscribe": f"<{unsubscribe or unsubscribe_url(email)}>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        "Auto-Submitted": "auto-generated",
+    }
+
+
+def digest_context(
+    subscriber: Subscriber,
+    period: str,
+    items: list[dict[str, Any]],
+    unsubscribe: str | None = None,
+) -> dict[str, Any]:
+    """What email/digest.{txt,html} render: items grouped by kind, newest first; the group
+    with the newest item first. `unsubscribe` as for digest_record."""
+    zone = subscriber.schedule.zone
+    entries = []
+    for index, item in enumerate(items):
+        at = _parse_time(item.get("at"))
+        entries.append(
+            {
+                "title": item["title"],
+                "url": item.get("url") or "",
+                "body": item.get("body") or "",
+                "kind": item.get("kind") or DEFAULT_KIND,
+                "at": at,
+                "when": at.astimezone(zone).strftime("%a %d %b, %H:%M") if at else "",
+                "order": index,
+            }
+        )
+    entries.sort(key=lambda e: (e["at"] or datetime.min.replace(tzinfo=UTC), e["order"]))
+    entries.reverse()
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        groups.setdefault(entry["kind"], []).append(entry)
+    frequency = subscriber.schedule.frequency
+    count = len(entries)
+    return {
+        "email": subscriber.email,
+        "frequency": frequency,
+        "period": period,
+        "period_label": period_label(period),
+        "timezone": subscriber.schedule.timezone,
+        "hour": subscriber.schedule.hour,
+        "count": count,
+        "groups": [
+            {
+                "kind": kind,
+                "label": kind.replace("_", " ").replace("-", " ").capitalize(),
+                "entries": group,
+            }
+            for kind, group in groups.items()
+        ],
+        "subject": digest_subject(frequency, count),
+        "unsubscribe_url": unsubscribe or unsubscribe_url(subscriber.email),
+    }
+
+
+def period_label(period: str) -> str:
+    if is_weekly_period(period):
+        year, week = period.split("-W")
+        monday = date.fromisocalendar(int(year), int(week), 1)
+        return f"the week of {monday.strftime('%A %d %B %Y')} (week {int(week)})"
+    return date.fromisoformat(period).strftime("%A %d %B %Y")
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -60,7 +60,7 @@ from app.errors import (
     SubscriberNotFoundError,
 )
 from app.mail import RenderedEmail, render_email, retry_policy, validate_address
-from app.queues import DIGEST_QUEUE, get_queue, get_redis
+from app.queues import DIGEST_QUEUE, get_queue, get_redis, replicate
 
 log = logging.getLogger("mailqueue.digests")
 
@@ -759,6 +759,8 @@ def settle(
     keys = (sub_key(email), lease_key(email), claimed_key(email, period), items_key(email))
     with redis.pipeline(transaction=True) as pipe:
         pipe.multi()
+        if mode == "sent":
+            replicate(pipe)  # the period marked handled survives a failover
         pipe.eval(_SETTLE_SUBSCRIBER, len(keys), *keys, period, mode, config["DIGEST_MAX_ITEMS"])
         if mail_id and mail_status:
             ttl = (

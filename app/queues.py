@@ -14,6 +14,7 @@ docs/sentinel.md).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +34,7 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app.errors import NotReplicatedError
+from app.errors import ConfigError, NotReplicatedError
 
 MAIL_QUEUE = "mail"
 DIGEST_QUEUE = "digests"
@@ -107,7 +108,7 @@ class ReplicatedPipeline(Pipeline):
             self._held = None
             self.connection_pool.release(conn)
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # type: ignore[override]  # Pipeline.reset, not RESET
         if self._held is not None and self.connection is self._held:
             self.connection = None  # execute() releases it, after its WAIT
         super().reset()
@@ -144,12 +145,13 @@ def min_replicas(config: Mapping[str, Any]) -> int:
 
 def connect(url: str, *, socket_timeout: float | None = 5.0) -> AppRedis:
     """A Redis client that gives up quickly when the server is unreachable."""
-    client: AppRedis = AppRedis.from_url(
+    client = AppRedis.from_url(
         url,
         socket_connect_timeout=2.0,
         socket_timeout=socket_timeout,
         health_check_interval=30,
     )
+    assert isinstance(client, AppRedis)
     return client
 
 
@@ -207,6 +209,28 @@ def connect_app(config: Mapping[str, Any], *, socket_timeout: float | None = 5.0
         client = connect(url, socket_timeout=socket_timeout)
     client.min_replicas = min_replicas(config)
     return client
+
+
+def route_rq_cli_to_the_app_redis() -> None:
+    """`rq worker` checks for `rq suspend` before it builds the worker class, on a client
+    it makes from REDIS_URL alone; under Sentinel that host is not the master (and may
+    not exist). Give RQ's CLI the client the app's settings describe instead."""
+    import rq.cli.helpers
+
+    from app.config import from_environ
+
+    original = rq.cli.helpers.get_redis_from_config
+
+    def get_redis_from_config(settings: Any, connection_class: Any = Redis) -> Any:
+        if settings is os.environ and os.environ.get("REDIS_SENTINELS"):
+            try:
+                return connect_app(from_environ(os.environ))
+            except ConfigError as err:
+                raise SystemExit(f"mailqueue worker not started: {err}") from err
+        return original(settings, connection_class)
+
+    if getattr(original, "__module__", "") != __name__:
+        rq.cli.helpers.get_redis_from_config = get_redis_from_config
 
 
 class _State:

@@ -110,9 +110,7 @@ class SentinelCluster:
         for sentinel in self.sentinels:
             sentinel.start()
         # A failover needs a quorum of sentinels that know each other and the replica.
-        if not wait_until(
-            lambda: all(s.knows_everyone(3, 1) for s in self.sentinels), timeout=30
-        ):
+        if not wait_until(lambda: all(s.knows_everyone(3, 1) for s in self.sentinels), timeout=30):
             raise RuntimeError("the sentinels did not discover each other and the replica")
         return self
 

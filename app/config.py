@@ -96,6 +96,34 @@ def _intervals(key: str, raw: str) -> list[int]:
     return values
 
 
+def _sentinels(key: str, raw: str) -> list[tuple[str, int]]:
+    """`host:port,host:port,...` (`[::1]:26379` for IPv6; the port defaults to 26379)."""
+    found: list[tuple[str, int]] = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        try:
+            parts = urlsplit(f"//{part}")
+            host, port = parts.hostname, parts.port or 26379
+        except ValueError:
+            host, port = None, 0
+        if not host or parts.path or parts.username or not 0 < port < 65536:
+            raise ConfigError(f"{key}: expected host:port,host:port,..., got {raw!r}")
+        found.append((host, port))
+    return found
+
+
+def _name(key: str, raw: str) -> str:
+    value = raw.strip()
+    if not value or any(c.isspace() for c in value):
+        raise ConfigError(f"{key}: expected a name without spaces, got {raw!r}")
+    return value
+
+
+def _optional_int(key: str, raw: str) -> int | None:
+    return None if raw.strip() == "" else _int_parser(0, 16)(key, raw)
+
+
 def _url(schemes: tuple[str, ...]) -> Callable[[str, str], str]:
     def parse(key: str, raw: str) -> str:
         try:
@@ -140,6 +168,14 @@ SPEC: dict[str, tuple[Callable[[str, str], Any], str, tuple[str, ...]]] = {
     "MAIL_MAX_RECIPIENTS": (_int_parser(1, 1000), "50", ()),
     "MAX_CONTENT_LENGTH": (_int_parser(1024), str(1024 * 1024), ()),
     "REDIS_URL": (_url(("redis", "rediss", "unix")), "redis://localhost:6379/0", ()),
+    # Redis Sentinel (docs/sentinel.md): the sentinels to ask where the master is, and its
+    # name there. Set, REDIS_URL gives only the database, credentials and TLS.
+    "REDIS_SENTINELS": (_sentinels, "", ()),
+    "REDIS_SENTINEL_MASTER": (_name, "mymaster", ()),
+    "REDIS_SENTINEL_PASSWORD": (_optional_str, "", ()),
+    # Replicas that must have a mail's writes before it counts as accepted (Redis WAIT);
+    # empty: 1 with REDIS_SENTINELS, else 0 (app.queues.min_replicas).
+    "REDIS_MIN_REPLICAS": (_optional_int, "", ()),
     "SECRET_KEY": (_optional_str, "", ()),
     "API_TOKEN": (_optional_str, "", ()),
     "PUBLIC_URL": (_url(("http", "https")), "http://localhost:5000", ()),
@@ -184,6 +220,8 @@ def check(config: Mapping[str, Any]) -> None:
         value = config.get(key) or ""
         if "\r" in value or "\n" in value:
             raise ConfigError(f"{key}: must not contain CR or LF")
+    if config.get("REDIS_SENTINELS") and str(config.get("REDIS_URL", "")).startswith("unix:"):
+        raise ConfigError("REDIS_URL: a unix socket cannot be combined with REDIS_SENTINELS")
     _check_rate(config)
 
 

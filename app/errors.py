@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import redis.exceptions
+
 
 class MailQueueError(Exception):
     """Base class for mailqueue's own errors."""
@@ -57,6 +59,12 @@ class SubscriberNotFoundError(MailQueueError, LookupError):
 
 class QueueUnavailableError(MailQueueError):
     """Redis could not be reached; nothing was enqueued."""
+
+
+class NotReplicatedError(MailQueueError, redis.exceptions.ConnectionError):
+    """Fewer than REDIS_MIN_REPLICAS replicas confirmed a write in time (Redis WAIT): a
+    failover could lose it. A Redis connection error to every caller (send_email answers
+    QueueUnavailableError, a worker retries recording `sent`), as a failover is one."""
 
 
 class UnknownMailError(MailQueueError, LookupError):

@@ -3,11 +3,19 @@
 Jobs are stored with RQ's JSON serializer, so nothing is ever unpickled from
 Redis. Short socket timeouts make the web process fail fast (503) when Redis
 is down instead of hanging a request.
+
+With REDIS_SENTINELS set, every process's client finds the master through the
+sentinels (redis-py's SentinelConnectionPool) and asks again after a failover;
+a write that must survive one (an accepted mail, a `sent` record) is confirmed
+by REDIS_MIN_REPLICAS replicas with WAIT before it counts (`replicate`,
+docs/sentinel.md).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import rq.job
@@ -17,9 +25,16 @@ import rq.serializers
 import rq.worker.base
 from flask import Flask, current_app
 from redis import Redis
+from redis.backoff import ExponentialBackoff
+from redis.client import Pipeline
+from redis.connection import Connection, SSLConnection, parse_url
+from redis.retry import Retry
+from redis.sentinel import Sentinel
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
+
+from app.errors import ConfigError, NotReplicatedError
 
 MAIL_QUEUE = "mail"
 DIGEST_QUEUE = "digests"
@@ -50,14 +65,172 @@ def _remember_resolved_serializers() -> None:
 _remember_resolved_serializers()
 
 
-def connect(url: str, *, socket_timeout: float | None = 5.0) -> Redis:
+# How long a write waits for its replicas (WAIT's timeout): short, so that without a
+# replica send_email answers QueueUnavailableError (503) promptly rather than hanging.
+REPLICA_WAIT_MS = 1000
+# Under Sentinel: while the master is unreachable (a failover), each command tries again
+# a few times, 0.1 s, 0.2 s, 0.4 s apart, then raises: the web side answers 503 within
+# about a second, and a worker's or scheduler's loop retries on its own.
+SENTINEL_RETRY = Retry(ExponentialBackoff(cap=0.4, base=0.1), 3)
+SENTINEL_SOCKET_TIMEOUT = 1.0
+
+
+class ReplicatedPipeline(Pipeline):
+    """A Pipeline whose execute() returns only once `wait_replicas` replicas have its
+    writes (set by `replicate`; 0: a plain pipeline). WAIT counts the writes of the
+    connection it runs on and returns at once inside MULTI or a script, so it runs
+    after EXEC on the connection execute() used, held until then."""
+
+    min_replicas = 0
+    wait_replicas = 0
+    _held: Connection | None = None
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        if self.wait_replicas <= 0 or not self.command_stack or self.connection is not None:
+            return super().execute(raise_on_error)
+        needed, self.wait_replicas = self.wait_replicas, 0
+        conn = self._held = self.connection = self.connection_pool.get_connection()
+        try:
+            replies = super().execute(raise_on_error)
+            try:
+                conn.send_command("WAIT", needed, REPLICA_WAIT_MS)
+                acked = int(conn.read_response())
+            except Exception:
+                conn.disconnect()
+                raise
+            if acked < needed:
+                raise NotReplicatedError(
+                    f"{acked} of {needed} replicas confirmed the write within "
+                    f"{REPLICA_WAIT_MS} ms (REDIS_MIN_REPLICAS)"
+                )
+            return replies
+        finally:
+            self._held = None
+            self.connection_pool.release(conn)
+
+    def reset(self) -> None:  # type: ignore[override]  # Pipeline.reset, not RESET
+        if self._held is not None and self.connection is self._held:
+            self.connection = None  # execute() releases it, after its WAIT
+        super().reset()
+
+
+class AppRedis(Redis):
+    """A Redis client whose pipelines can wait for replicas (`replicate`)."""
+
+    min_replicas = 0
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> ReplicatedPipeline:
+        pipe = ReplicatedPipeline(
+            self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+        pipe.min_replicas = self.min_replicas
+        return pipe
+
+
+def replicate(pipe: Any) -> None:
+    """Make `pipe`'s execute() return only once REDIS_MIN_REPLICAS replicas have its
+    writes, else raise NotReplicatedError (a redis ConnectionError): for the writes a
+    failover must not lose, an accepted mail and a `sent` record. No-op at 0."""
+    if isinstance(pipe, ReplicatedPipeline):
+        pipe.wait_replicas = pipe.min_replicas
+
+
+def min_replicas(config: Mapping[str, Any]) -> int:
+    """REDIS_MIN_REPLICAS, or its default: 1 with REDIS_SENTINELS, else 0."""
+    value = config.get("REDIS_MIN_REPLICAS")
+    if value is None:
+        return 1 if config.get("REDIS_SENTINELS") else 0
+    return int(value)
+
+
+def connect(url: str, *, socket_timeout: float | None = 5.0) -> AppRedis:
     """A Redis client that gives up quickly when the server is unreachable."""
-    return Redis.from_url(
+    client = AppRedis.from_url(
         url,
         socket_connect_timeout=2.0,
         socket_timeout=socket_timeout,
         health_check_interval=30,
     )
+    assert isinstance(client, AppRedis)
+    return client
+
+
+def connect_sentinel(
+    url: str,
+    sentinels: list[tuple[str, int]],
+    master: str,
+    *,
+    sentinel_password: str | None = None,
+    socket_timeout: float | None = 5.0,
+) -> AppRedis:
+    """A client of the master the sentinels name, found again after a failover. `url`
+    gives the database, credentials and TLS (its host is ignored)."""
+    kwargs = parse_url(url)
+    for key in ("host", "port", "path"):
+        kwargs.pop(key, None)
+    tls = kwargs.pop("connection_class", None) is SSLConnection
+    ssl_kwargs = {k: v for k, v in kwargs.items() if k.startswith("ssl_")}
+    sentinel = Sentinel(
+        sentinels,
+        sentinel_kwargs={
+            "password": sentinel_password,
+            "socket_timeout": SENTINEL_SOCKET_TIMEOUT,
+            "socket_connect_timeout": SENTINEL_SOCKET_TIMEOUT,
+            "ssl": tls,
+            **ssl_kwargs,
+        },
+    )
+    client: AppRedis = sentinel.master_for(
+        master,
+        redis_class=AppRedis,
+        ssl=tls,
+        socket_connect_timeout=2.0,
+        socket_timeout=socket_timeout,
+        health_check_interval=30,
+        retry=SENTINEL_RETRY,
+        **kwargs,
+    )
+    return client
+
+
+def connect_app(config: Mapping[str, Any], *, socket_timeout: float | None = 5.0) -> AppRedis:
+    """The client `config` describes: through REDIS_SENTINELS if set, else REDIS_URL."""
+    url = config["REDIS_URL"]
+    sentinels = config.get("REDIS_SENTINELS")
+    if sentinels:
+        client = connect_sentinel(
+            url,
+            sentinels,
+            config.get("REDIS_SENTINEL_MASTER") or "mymaster",
+            sentinel_password=config.get("REDIS_SENTINEL_PASSWORD"),
+            socket_timeout=socket_timeout,
+        )
+    else:
+        client = connect(url, socket_timeout=socket_timeout)
+    client.min_replicas = min_replicas(config)
+    return client
+
+
+def route_rq_cli_to_the_app_redis() -> None:
+    """`rq worker` checks for `rq suspend` before it builds the worker class, on a client
+    it makes from REDIS_URL alone; under Sentinel that host is not the master (and may
+    not exist). Give RQ's CLI the client the app's settings describe instead."""
+    import rq.cli.helpers
+
+    from app.config import from_environ
+
+    original = rq.cli.helpers.get_redis_from_config
+
+    def get_redis_from_config(settings: Any, connection_class: Any = Redis) -> Any:
+        if settings is os.environ and os.environ.get("REDIS_SENTINELS"):
+            try:
+                return connect_app(from_environ(os.environ))
+            except ConfigError as err:
+                raise SystemExit(f"mailqueue worker not started: {err}") from err
+        return original(settings, connection_class)
+
+    if getattr(original, "__module__", "") != __name__:
+        rq.cli.helpers.get_redis_from_config = get_redis_from_config
 
 
 class _State:
@@ -68,7 +241,7 @@ class _State:
 
 def init_app(app: Flask) -> None:
     """Create the app's Redis client (no connection is made until first use)."""
-    app.extensions[EXTENSION] = _State(connect(app.config["REDIS_URL"]))
+    app.extensions[EXTENSION] = _State(connect_app(app.config))
 
 
 def _state(app: Flask | None = None) -> _State:

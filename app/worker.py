@@ -47,11 +47,13 @@ from app.errors import ConfigError
 from app.inflight import InFlight
 from app.leanworker import BATCH_SECONDS, PUT_BACK
 from app.mail import DELIVER_JOB
-from app.queues import MAIL_QUEUE, get_redis
+from app.queues import MAIL_QUEUE, get_redis, route_rq_cli_to_the_app_redis
 
 # `rq worker` reads REDIS_URL from the environment before it builds this class:
-# let it see the same `.env` the app reads (this pushes no app context).
+# let it see the same `.env` the app reads (this pushes no app context), and the
+# sentinels too if REDIS_SENTINELS is set.
 load_dotenv_file()
+route_rq_cli_to_the_app_redis()
 
 log = logging.getLogger("mailqueue.worker")
 

@@ -18,7 +18,7 @@ from rq.timeouts import JobTimeoutException
 from app import events, status
 from app.errors import DeliveryError, MailInFlightError, TransientDeliveryError
 from app.mail import build_message
-from app.queues import get_redis
+from app.queues import get_redis, replicate
 from app.smtp import get_mailer
 
 log = logging.getLogger("mailqueue.jobs.mail")
@@ -74,6 +74,7 @@ def deliver(mail_id: str) -> str:
     ttl = config["MAIL_STATUS_TTL"]
 
     def sent(pipe: Pipeline) -> None:
+        replicate(pipe)  # a `sent` a failover loses would send the mail again
         status.queue_finish(
             pipe, mail_id, status.SENT, ttl, metric_template=record.template, refused=refused
         )

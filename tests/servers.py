@@ -50,6 +50,7 @@ class RedisServer:
         self.dir = Path(tempfile.mkdtemp(prefix="mq-redis-"))
         self.port = free_port()
         self.appendonly = appendonly
+        self.extra_args: list[str] = []  # e.g. --replicaof (tests/sentinels.py)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -60,7 +61,7 @@ class RedisServer:
         args = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
             "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always",
+            "--appendfsync", "always", *self.extra_args,
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not wait_until(self._answers, timeout=10):

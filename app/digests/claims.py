@@ -23,6 +23,7 @@ from app.digests.subscribers import (
     lease_key,
     sub_key,
 )
+from app.queues import replicate
 
 log = logging.getLogger("mailqueue.digests")
 
@@ -106,6 +107,8 @@ def settle(
     keys = (sub_key(email), lease_key(email), claimed_key(email, period), items_key(email))
     with redis.pipeline(transaction=True) as pipe:
         pipe.multi()
+        if mode == "sent":
+            replicate(pipe)  # the period marked handled survives a failover
         pipe.eval(_SETTLE_SUBSCRIBER, len(keys), *keys, period, mode, config["DIGEST_MAX_ITEMS"])
         if mail_id and mail_status:
             ttl = (

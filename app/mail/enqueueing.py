@@ -22,7 +22,7 @@ from app import events, status
 from app.errors import (
     QueueUnavailableError,
 )
-from app.queues import MAIL_QUEUE, get_queue, get_redis
+from app.queues import MAIL_QUEUE, get_queue, get_redis, replicate
 
 DELIVER_JOB = "jobs.mail.deliver"
 
@@ -45,6 +45,7 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:
     try:
         with get_redis().pipeline(transaction=True) as pipe:
             pipe.multi()  # explicit, so RQ's writes add to this transaction as-is
+            replicate(pipe)  # accepted = on REDIS_MIN_REPLICAS replicas too
             for record in records:
                 if bulk and not record.send_at:
                     ready.append(record.id)

@@ -22,7 +22,7 @@ from redis import Redis
 
 from app import PROJECT_ROOT, create_app
 from app.config import SPEC, from_environ
-from app.queues import MAIL_QUEUE
+from app.queues import MAIL_QUEUE, connect_app
 from tests.servers import RedisServer, SMTPServer, wait_until
 
 # Short intervals keep each scenario to seconds (defaults: README, "Reliability").
@@ -75,10 +75,10 @@ class Deployment:
     workers: list[Worker] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.redis_server = RedisServer(appendonly=True).start()
+        redis_settings = self.start_redis()
         self.smtp = SMTPServer().start()
         self.env = {
-            "REDIS_URL": self.redis_server.url,
+            **redis_settings,
             "MAIL_SERVER": "127.0.0.1",
             "MAIL_PORT": str(self.smtp.port),
             "MAIL_DEFAULT_SENDER": "Fault Suite <noreply@example.com>",
@@ -89,7 +89,12 @@ class Deployment:
             **self.settings,
         }
         self.app: Flask = create_app(from_environ(self.env))
-        self.redis = Redis.from_url(self.redis_server.url)
+        self.redis: Redis = connect_app(from_environ(self.env))
+
+    def start_redis(self) -> dict[str, str]:
+        """Start this world's Redis; return the settings that reach it."""
+        self.redis_server = RedisServer(appendonly=True).start()
+        return {"REDIS_URL": self.redis_server.url}
 
     # -- processes ------------------------------------------------------------------
 

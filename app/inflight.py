@@ -47,7 +47,8 @@ from rq.queue import Queue
 from rq.suspension import is_suspended
 from rq.timeouts import JobTimeoutException
 
-from app.leanworker import BATCH_SECONDS, PUT_BACK, LeanJob, LeanJobs, _is_lean
+from app.leanjob import LeanJob
+from app.leanworker import BATCH_SECONDS, PUT_BACK, LeanJobs, _is_lean
 from app.smtp import get_mailer
 
 log = logging.getLogger("mailqueue.inflight")

@@ -77,16 +77,18 @@ class SMTPSession(asyncio.Protocol):
             return
         loop = asyncio.get_running_loop()
         self.due = max(loop.time() + self.stats.lag, self.due + 1e-6)
-        loop.call_at(self.due, self._write, data, close)
+        loop.call_at(self.due, self._write_late, data, close)
 
     def _write(self, data: bytes, close: bool) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        if data:
-            transport.write(data)
+        assert transport is not None
+        transport.write(data)
         if close:
             transport.close()
+
+    def _write_late(self, data: bytes, close: bool) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._write(data, close)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data

@@ -25,6 +25,7 @@ def test_bench_runs_every_row_with_tiny_n_and_cleans_up() -> None:
         [
             sys.executable, "-m", "bench", "-n", "20", "--workers", "1", "--subscribers", "20",
             "--bulk", "200", "--micro-calls", "50", "--timeout", "60", "--stall", "15",
+            "--lag-ms", "20", "--lag-n", "20", "--lag-subscribers", "20",
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
@@ -36,6 +37,12 @@ def test_bench_runs_every_row_with_tiny_n_and_cleans_up() -> None:
     for key in ("e", "a", "b", "c1", "f"):
         assert rows[key]["received"] == 20, rows[key]
         assert rows[key]["duplicates"] == 0
+    lagged = {(row["key"], row["lag_ms"]): row for row in report["lag_rows"]}
+    assert {lag for _key, lag in lagged} == {0, 20}
+    for row in lagged.values():
+        assert row["received"] == row["sent"] > 0, row
+        assert row["duplicates"] == 0
+    assert "SMTP replies delayed by a lag" in done.stdout
     assert report["micro"]["send_email_ms"] > 0
     assert report["micro"]["rq_many_per_s"] > 0  # the in-run baseline of send_many
     assert "RQ's enqueue_many of the same 200 jobs" in done.stdout

@@ -38,6 +38,9 @@ class Transport(asyncio.Transport):
     def close(self) -> None:
         self.closed = True
 
+    def is_closing(self) -> bool:
+        return self.closed
+
 
 def feed(*chunks: bytes) -> tuple[Transport, Stats]:
     stats, transport = Stats(), Transport()
@@ -66,3 +69,27 @@ def test_every_cut_of_the_stream_gives_the_same_replies() -> None:
         assert b"".join(transport.writes[1:]) == REPLIES, cut
         assert stats.messages == 2, cut
         assert b"<one@example.com>" in stats.seen, cut
+
+
+def test_with_a_lag_replies_come_late_and_in_order() -> None:
+    """A provider a round trip away: every reply, the greeting first, held back."""
+
+    async def run() -> tuple[Transport, Stats, list[bytes], float]:
+        loop = asyncio.get_running_loop()
+        stats, transport = Stats(), Transport()
+        stats.lag = 0.05
+        session = SMTPSession(stats)
+        started = loop.time()
+        session.connection_made(transport)
+        for cut in range(0, len(STREAM), 40):  # as TCP might cut it
+            session.data_received(STREAM[cut : cut + 40])
+        early = list(transport.writes)
+        while not transport.closed and loop.time() - started < 5:
+            await asyncio.sleep(0.01)
+        return transport, stats, early, loop.time() - started
+
+    transport, stats, early, took = asyncio.run(run())
+    assert early == []  # nothing went out at once
+    assert b"".join(transport.writes) == b"220 bench-sink ESMTP\r\n" + REPLIES
+    assert transport.closed and stats.messages == 2
+    assert took >= 0.05

@@ -25,7 +25,11 @@ of its own from the Mailer's pool (app/smtp.py):
   of a killed worker are in the started registry, and maintenance recovers them
   as it recovers any other.
 
-MAIL_CONCURRENCY=1 keeps the one-at-a-time worker of app/leanworker.py.
+Slots only pay off when the server makes mail wait: while it answers within a
+few milliseconds (loopback, a relay on the same host) the worker delivers mail
+one at a time on its main thread, in app/leanworker.py's batches, which costs
+less CPU; it times each mail's wait to tell (InFlight._end_batch_after).
+MAIL_CONCURRENCY=1 always works that way.
 """
 
 from __future__ import annotations
@@ -138,9 +142,9 @@ class InFlight(LeanJobs):
         self.reserve = min(RESERVE, self.concurrency // 2)
         self._next_claim = 0.0
         self._claimed_at = 0.0
-        # Slots or not: with a fast server (loopback, a relay on the LAN) a thread per
-        # mail costs more than it hides (measured: ~30% more worker CPU a mail), so a
-        # worker runs mail inline while mails wait less than INLINE_WAIT each on average,
+        # Slots or not: with a fast server (loopback, a relay on the same host) a thread
+        # per mail costs more than it hides (measured: ~30% more worker CPU a mail), so a
+        # worker runs mail inline while mails wait less than INLINE_WAIT (_end_batch_after),
         # and tries that again every PROBE_SECONDS while it uses slots.
         self._inline = False
         self._probing = False
@@ -205,9 +209,9 @@ class InFlight(LeanJobs):
         """After each inline mail: end the batch, so the next jobs go to slots, once the
         mails' waits say the server is slow. A probe looks at PROBE_MAILS mails (the
         first may open a connection) and takes their shortest wait; after it, the
-        shortest of the last few waits decides: a far
-        server makes every mail wait its round trips, a busy machine only some (measured
-        on loopback with the bench's five processes on two cores: 0.7 ms to 20 ms)."""
+        shortest of the last WAIT_WINDOW waits decides: a far server makes every mail
+        wait its round trips, a busy machine only some (measured on loopback with the
+        bench's five processes on two cores: 0.7 ms to 20 ms)."""
         if self.concurrency <= 1:
             return False
         waited = getattr(job, "waited", 0.0)

@@ -17,7 +17,7 @@ from typing import Any
 import redis.exceptions
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from rq import Worker
-from werkzeug.exceptions import BadRequest, HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException, MethodNotAllowed
 from werkzeug.routing import BaseConverter
 
 from app import digests, status
@@ -181,6 +181,19 @@ def get_mail(mail_id: str) -> Response:
     if record is None:
         raise ApiError(404, f"no mail {mail_id[:64]}")
     return jsonify(record.public())
+
+
+SUBSCRIBER_ENDPOINTS = {"api.put_subscriber", "api.get_subscriber", "api.delete_subscriber"}
+
+
+@bp.url_value_preprocessor
+def _items_collection(endpoint: str | None, values: dict[str, Any] | None) -> None:
+    """Another method than POST on `/api/subscribers/<email>/items` reaches the
+    subscriber routes (the address converter takes '/'), with the address
+    `<email>/items`, which no address can be (it has no domain): answer it as the
+    items resource, 405 with `Allow: POST`."""
+    if endpoint in SUBSCRIBER_ENDPOINTS and str((values or {}).get("email", "")).endswith("/items"):
+        raise MethodNotAllowed(valid_methods=["POST"])
 
 
 @bp.put("/subscribers/<address:email>")

@@ -105,8 +105,11 @@ def test_an_address_with_a_slash_works_percent_encoded_in_the_path(
     assert (shown["email"], shown["pending_items"]) == ("team/ops@example.com", 1)
     assert client.delete(url, headers=auth).status_code == 204
     assert redis_client.keys("*team/ops@example.com*") == []
-    wrong = client.get("/api/subscribers/ann@example.com/items", headers=auth)
-    assert wrong.status_code == 400 and wrong.get_json()["field"] == "email"
+    # The items collection takes POST only (RFC 9110: 405 with Allow).
+    for method in ("GET", "PUT", "DELETE"):
+        wrong = client.open("/api/subscribers/ann@example.com/items", method=method, headers=auth)
+        assert wrong.status_code == 405, method
+        assert wrong.headers["Allow"] == "POST"
 
 
 @pytest.mark.parametrize(

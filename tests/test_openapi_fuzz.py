@@ -28,11 +28,6 @@ SEED = 1
 # The coverage phase is left out: it still finds that `send_at` takes ISO 8601 forms
 # beyond the RFC 3339 date-time the schema says (see the report of issue 14).
 PHASES = "examples,fuzzing,stateful"
-# `unsupported_method` is left out: PUT/GET /api/subscribers/<email>/items reach the
-# subscriber route with the address `<email>/items` and answer 400 naming `email`
-# (tests/test_digest_api.py holds that), where the check wants 405. Every other 405
-# is checked, Allow header included (allow_header_conformance).
-EXCLUDED_CHECKS = "unsupported_method"
 
 
 @pytest.fixture
@@ -51,7 +46,6 @@ def test_schemathesis_reports_no_failure(api_url: str, tmp_path: Path) -> None:
     st = shutil.which("st", path=str(Path(sys.executable).parent))
     assert st, "schemathesis is in the test extra"
     command = [st, "run", f"{api_url}/api/openapi.json", "--checks", "all", "--mode", "all"]
-    command += ["--exclude-checks", EXCLUDED_CHECKS]
     command += ["-H", f"Authorization: Bearer {API_TOKEN}", "--phases", PHASES]
     command += ["--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED), "--workers", "2"]
     command += ["--no-color", "--report-dir", str(tmp_path)]

@@ -17,7 +17,7 @@ from typing import Any
 import redis.exceptions
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from rq import Worker
-from werkzeug.exceptions import BadRequest, HTTPException, MethodNotAllowed
+from werkzeug.exceptions import BadRequest, HTTPException
 from werkzeug.routing import BaseConverter
 
 from app import digests, status
@@ -38,9 +38,11 @@ OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 class AddressConverter(BaseConverter):
     """A subscriber address in a URL path: one or more segments ('/' is valid in a
     local part, sent as %2F and decoded before routing), any character at all, so a
-    hostile one reaches validation and gets its 400 naming the field, never a 404."""
+    hostile one reaches validation and gets its 400 naming the field, never a 404.
+    Not one ending in `/items` (no address does: it would have no domain), so that
+    path is only ever the items resource (another method: 405, `Allow: POST`)."""
 
-    regex = r"[^/][\s\S]*?"
+    regex = r"[^/][\s\S]*?(?<!/items)"
     part_isolating = False
 
 
@@ -139,12 +141,19 @@ def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
 
 
+# RFC 3339's date-time, what the schema says (OpenAPI `format: date-time`); the offset is
+# checked later, with its own message. Python's fromisoformat alone takes far more.
+RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})?")
+
+
 def parse_datetime(name: str, value: str) -> datetime:
     try:
-        return datetime.fromisoformat(value)
+        if not RFC3339.fullmatch(value.upper()):
+            raise ValueError(value)
+        return datetime.fromisoformat(value.upper())
     except ValueError:
         raise ApiError(
-            400, f"{name} must be an ISO 8601 date-time with a UTC offset", name
+            400, f"{name} must be an ISO 8601 (RFC 3339) date-time with a UTC offset", name
         ) from None
 
 
@@ -169,7 +178,7 @@ def post_mail() -> tuple[Response, int]:
     context = field(data, "context", dict, required=False) or {}
     send_at_raw = field(data, "send_at", str, required=False)
     delay = field(data, "delay", (int, float), required=False)
-    send_at = parse_datetime("send_at", send_at_raw) if send_at_raw else None
+    send_at = parse_datetime("send_at", send_at_raw) if send_at_raw is not None else None
     record = prepare(to, subject, template, context, send_at=send_at, delay=delay)
     enqueue([record])
     return jsonify({"id": record.id, "status": record.status}), 202
@@ -181,19 +190,6 @@ def get_mail(mail_id: str) -> Response:
     if record is None:
         raise ApiError(404, f"no mail {mail_id[:64]}")
     return jsonify(record.public())
-
-
-SUBSCRIBER_ENDPOINTS = {"api.put_subscriber", "api.get_subscriber", "api.delete_subscriber"}
-
-
-@bp.url_value_preprocessor
-def _items_collection(endpoint: str | None, values: dict[str, Any] | None) -> None:
-    """Another method than POST on `/api/subscribers/<email>/items` reaches the
-    subscriber routes (the address converter takes '/'), with the address
-    `<email>/items`, which no address can be (it has no domain): answer it as the
-    items resource, 405 with `Allow: POST`."""
-    if endpoint in SUBSCRIBER_ENDPOINTS and str((values or {}).get("email", "")).endswith("/items"):
-        raise MethodNotAllowed(valid_methods=["POST"])
 
 
 @bp.put("/subscribers/<address:email>")

@@ -137,6 +137,11 @@ BAD_INPUT: list[tuple[str, Any, int, str | None, str]] = [
     ("context a string", dict(GOOD, context="x"), 400, "context", "an object"),
     ("send_at a number", dict(GOOD, send_at=1), 400, "send_at", "a string"),
     ("send_at garbage", dict(GOOD, send_at="tomorrow"), 400, "send_at", "ISO 8601"),
+    ("send_at empty", dict(GOOD, send_at=""), 400, "send_at", "RFC 3339"),
+    # ISO 8601 forms Python reads but RFC 3339 (the schema's date-time) does not have
+    ("send_at basic form", dict(GOOD, send_at="20300101T090000Z"), 400, "send_at", "RFC 3339"),
+    ("send_at with a space", dict(GOOD, send_at="2030-01-01 09:00:00+00:00"), 400, "send_at",
+     "RFC 3339"),
     ("delay a string", dict(GOOD, delay="60"), 400, "delay", "a number"),
     ("delay a bool", dict(GOOD, delay=True), 400, "delay", "a number"),
     # The refusals of send_email, through the API.

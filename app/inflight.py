@@ -178,8 +178,9 @@ class InFlight(LeanJobs):
         try:
             while True:
                 self._refill(claimed)
-                while claimed and len(self._slots) < self.concurrency:
-                    self._launch(*claimed.pop(0))
+                free = self.concurrency - len(self._slots)
+                if claimed and free:
+                    self._launch(claimed, free)
                 self._flush()
                 if not self._slots:
                     break
@@ -279,18 +280,31 @@ class InFlight(LeanJobs):
                 claimed.append((job, queue))
         return claimed
 
-    def _launch(self, job: LeanJob, queue: Queue) -> None:
-        """Start `job` (intermediate list -> started registry) and hand it to a slot."""
-        if _is_lean(job, self.default_result_ttl):
-            self._start(job, queue)
+    def _launch(self, claimed: list[tuple[LeanJob, Queue]], count: int) -> None:
+        """Start the first `count` claimed jobs (intermediate list -> started registry:
+        the mails in one round trip) and hand each to a slot."""
+        batch, claimed[:count] = claimed[:count], []
+        lean = [(job, queue) for job, queue in batch if _is_lean(job, self.default_result_ttl)]
+        try:
+            executions = self._start_many(lean) if lean else []
+        except redis.exceptions.RedisError:
+            self._release_claimed(batch)  # those it did not start
+            raise
+        for (job, queue), execution in zip(lean, executions, strict=True):
             job.carries_sent = True
-        else:
-            self._flush()
-            self.prepare_execution(job)
-            self.prepare_job_execution(job)
+            self._hand_over(job, queue, execution)
+        for job, queue in batch:
+            if not _is_lean(job, self.default_result_ttl):
+                self._flush()
+                self.prepare_execution(job)
+                self.prepare_job_execution(job)
+                self._hand_over(job, queue, self.execution)
+
+    def _hand_over(self, job: LeanJob, queue: Queue, execution: Execution | None) -> None:
+        """Give a started job to a slot thread (a new one while none is idle)."""
         timeout = job.timeout or self.queue_class.DEFAULT_TIMEOUT
         deadline = math.inf if timeout < 0 else time.monotonic() + timeout
-        slot = _Slot(job, queue, self.execution, deadline)
+        slot = _Slot(job, queue, execution, deadline)
         self._slots[job.id] = slot
         self._tasks.put(slot)
         with self._threads_lock:

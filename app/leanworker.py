@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,38 +216,54 @@ class LeanJobs(BaseWorker):
         return jobs
 
     def _start(self, job: Job, queue: Queue) -> None:
-        """Intermediate list -> started registry, atomically with the previous job's
-        success: what prepare_execution and prepare_job_execution write (and the
-        PERSIST that Job.perform would send on its own); the job's FIRST_STEPS step
-        follows in the same round trip."""
-        ttl = self.get_heartbeat_ttl(job)
-        first_step = FIRST_STEPS.get(job.func_name or "") if isinstance(job, LeanJob) else None
-        with self.connection.pipeline() as writes, self.connection.pipeline(False) as pipeline:
-            # RQ's own methods queue their writes on `writes`, which is never executed:
-            # its commands are sent as one script (see _RUN_WRITES).
-            carried = self._queue_pending(pipeline, writes)
-            self.execution = Execution.create(job, ttl, pipeline=writes, worker_name=self.name)
-            writes.lrem(queue.intermediate_queue_key, 1, job.id)
-            # Maintenance's "first seen waiting" mark, if a pass saw it held in a batch:
-            # left behind, it would make a later wait of the same id look stranded.
-            writes.delete(queue.intermediate_queue.get_first_seen_key(job.id))
-            if self._state != WorkerStatus.BUSY:  # a batch stays busy until its end
-                self.set_state(WorkerStatus.BUSY, pipeline=writes)
-            self.set_current_job_id(job.id, pipeline=writes)
-            if self._worker_key_expires - time.monotonic() < ttl - THROTTLE_SECONDS:
-                # Else the worker key, written less than a second ago with this TTL,
-                # still outlives the job's heartbeat TTL minus a second.
-                self.heartbeat(ttl, pipeline=writes)
-            job.prepare_for_execution(self.name, pipeline=writes)
-            writes.persist(job.key)
-            run_as_script(pipeline, writes)
-            if first_step is not None:
-                first_step(pipeline, job)
+        """Start one job (see _start_many); it is then `self.execution`."""
+        self.execution = self._start_many([(job, queue)])[0]
+
+    def _start_many(self, jobs: Sequence[tuple[Job, Queue]]) -> list[Execution]:
+        """Intermediate list -> started registry for each job, atomically (one script
+        each) and the first atomically with the pending successes: what
+        prepare_execution and prepare_job_execution write (and the PERSIST that
+        Job.perform would send on its own); each job's FIRST_STEPS step follows its
+        start. All in one round trip; returns each job's execution."""
+        executions: list[Execution] = []
+        steps: list[tuple[LeanJob, int]] = []  # a job, and its first step's reply index
+        with self.connection.pipeline(False) as pipeline:
+            carried: list[_Pending] = []
+            for job, queue in jobs:
+                ttl = self.get_heartbeat_ttl(job)
+                with self.connection.pipeline() as writes:
+                    # RQ's own methods queue their writes on `writes`, which is never
+                    # executed: its commands are sent as one script (see _RUN_WRITES).
+                    if not executions:
+                        carried = self._queue_pending(pipeline, writes)
+                    execution = Execution.create(job, ttl, pipeline=writes, worker_name=self.name)
+                    writes.lrem(queue.intermediate_queue_key, 1, job.id)
+                    # Maintenance's "first seen waiting" mark, if a pass saw it held in a
+                    # batch: left behind, a later wait of the same id would look stranded.
+                    writes.delete(queue.intermediate_queue.get_first_seen_key(job.id))
+                    if self._state != WorkerStatus.BUSY:  # a batch stays busy until its end
+                        self.set_state(WorkerStatus.BUSY, pipeline=writes)
+                    self.set_current_job_id(job.id, pipeline=writes)
+                    if self._worker_key_expires - time.monotonic() < ttl - THROTTLE_SECONDS:
+                        # Else the worker key, written less than a second ago with this
+                        # TTL, still outlives the job's heartbeat TTL minus a second.
+                        self.heartbeat(ttl, pipeline=writes)
+                    job.prepare_for_execution(self.name, pipeline=writes)
+                    writes.persist(job.key)
+                    run_as_script(pipeline, writes)
+                executions.append(execution)
+                if isinstance(job, LeanJob):
+                    first_step = FIRST_STEPS.get(job.func_name or "")
+                    if first_step is not None:
+                        first_step(pipeline, job)
+                        steps.append((job, len(pipeline.command_stack) - 1))
             replies = self._execute(pipeline, carried)
-        if isinstance(job, LeanJob):
-            job.persisted = True
-            if first_step is not None:
-                job.claimed_attempt = replies[-1]
+        for job, _queue in jobs:
+            if isinstance(job, LeanJob):
+                job.persisted = True
+        for job, index in steps:
+            job.claimed_attempt = replies[index]
+        return executions
 
     def _flush(self, idle: bool = False) -> None:
         """Write the pending successes now (and the worker's idle state)."""

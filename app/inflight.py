@@ -81,18 +81,26 @@ EMPTY_BACKOFF = 0.02
 # thread cannot be killed: its slot stays taken until the function returns).
 STUCK_SECONDS = 10.0
 
-# KEYS: pairs of (queue, its intermediate list), in the worker's order. ARGV: how many.
-# Pops up to that many ids, from the first queue until it is empty, then the next:
-# a free slot always goes to the first queue that has work. Returns [index, id, ...].
+# KEYS: pairs of (queue, its intermediate list), in the worker's order. ARGV: how many,
+# the job hash's key prefix. Pops up to that many ids, from the first queue until it
+# is empty, then the next: a free slot always goes to the first queue that has work.
+# Returns [index, id, job hash as a flat list, ...]; an id whose hash is gone is dropped
+# from the intermediate list (as AppQueue does), not returned.
 _CLAIM_ANY = """
 local out, left = {}, tonumber(ARGV[1])
 for k = 1, #KEYS, 2 do
   while left > 0 do
     local id = redis.call('LMOVE', KEYS[k], KEYS[k + 1], 'LEFT', 'RIGHT')
     if not id then break end
-    out[#out + 1] = (k + 1) / 2
-    out[#out + 1] = id
-    left = left - 1
+    local data = redis.call('HGETALL', ARGV[2] .. id)
+    if #data == 0 then
+      redis.call('LREM', KEYS[k + 1], 1, id)
+    else
+      out[#out + 1] = (k + 1) / 2
+      out[#out + 1] = id
+      out[#out + 1] = data
+      left = left - 1
+    end
   end
   if left == 0 then break end
 end
@@ -265,19 +273,17 @@ class InFlight(LeanJobs):
         keys: list[str] = []
         for queue in self.queues:
             keys += [queue.key, queue.intermediate_queue_key]
-        raw: Any = self.connection.eval(_CLAIM_ANY, len(keys), *keys, str(count))
-        if not raw:
-            return []
-        queues = [self.queues[int(index) - 1] for index in raw[0::2]]
-        ids = [item.decode() for item in raw[1::2]]
-        fetched = self.job_class.fetch_many(ids, self.connection, serializer=self.serializer)
+        raw: Any = self.connection.eval(
+            _CLAIM_ANY, len(keys), *keys, str(count), self.job_class.redis_job_namespace_prefix
+        )
         claimed: list[tuple[LeanJob, Queue]] = []
-        for job_id, queue, job in zip(ids, queues, fetched, strict=True):
-            if job is None:  # no data any more: drop the id, as AppQueue does
-                self.connection.lrem(queue.intermediate_queue_key, 1, job_id)
-            else:
-                assert isinstance(job, LeanJob)  # AppWorker's job class
-                claimed.append((job, queue))
+        for start in range(0, len(raw or ()), 3):
+            index, job_id, flat = raw[start : start + 3]
+            # What Job.fetch_many builds from the hash it reads.
+            job = self.job_class(job_id.decode(), self.connection, serializer=self.serializer)
+            job.restore(dict(zip(flat[0::2], flat[1::2], strict=True)))
+            assert isinstance(job, LeanJob)  # AppWorker's job class
+            claimed.append((job, self.queues[int(index) - 1]))
         return claimed
 
     def _launch(self, claimed: list[tuple[LeanJob, Queue]], count: int) -> None:

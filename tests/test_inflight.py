@@ -16,6 +16,7 @@ from app import inflight, status
 from app.inflight import effective_concurrency
 from app.mail import send_email
 from app.worker import AppWorker
+from tests.helpers import counting_redis_writes
 from tests.servers import SMTPServer
 
 PROBE = inflight.PROBE_MAILS  # a worker's first mails run inline, timing the server
@@ -86,6 +87,49 @@ def test_mails_go_out_several_at_once_each_on_a_connection_of_its_own(
     q = queue(redis_client)
     assert (q.count, q.started_job_registry.count, q.failed_job_registry.count) == (0, 0, 0)
     assert redis_client.llen(q.intermediate_queue_key) == 0
+
+
+def test_a_mail_in_flight_costs_about_one_redis_round_trip(
+    app_ctx: Flask,
+    smtp_server: SMTPServer,
+    redis_client: Redis,
+    work: Callable[[], AppWorker],
+    concurrency: Callable[[int], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its start (with the previous mails' `sent` and its attempt claim), shared with
+    the other mails a freed slot takes at the same moment; claims come in dozens."""
+    concurrency(8)
+    smtp_server.handler.reply_delay = 0.01
+    count = 96
+    for i in range(count):
+        send_email(f"user{i}@example.com", "Hi", "test")
+    with counting_redis_writes(monkeypatch) as sends:
+        work()
+    assert len(smtp_server.wait_for(count)) == count
+    # A second round trip a mail would add 96; the worker's start, maintenance and
+    # stop, the probe's batch, claims and empty-queue checks stay well under that.
+    assert len(sends) <= count + 80
+
+
+def test_a_claimed_id_whose_job_is_gone_is_dropped(
+    app_ctx: Flask,
+    smtp_server: SMTPServer,
+    redis_client: Redis,
+    work: Callable[[], AppWorker],
+    concurrency: Callable[[int], None],
+) -> None:
+    concurrency(4)
+    smtp_server.handler.reply_delay = 0.01  # slots: the claims are app/inflight.py's
+    # More than the probe's batch claims (leanworker.BATCH_SIZE), so the dangling id
+    # at the end is claimed in slot mode.
+    ids = [send_email(f"user{i}@example.com", "Hi", "test").id for i in range(30)]
+    q = queue(redis_client)
+    redis_client.rpush(q.key, "no-such-job")  # e.g. its hash expired or was deleted
+    work()
+
+    assert len(smtp_server.wait_for(len(ids))) == len(ids)
+    assert (q.count, redis_client.llen(q.intermediate_queue_key)) == (0, 0)
 
 
 def test_the_started_registry_names_every_mail_in_flight(

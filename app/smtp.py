@@ -121,7 +121,6 @@ class Mailer:
     def __init__(self, app: Flask) -> None:
         self.app = app
         self.size: int = app.config["MAIL_CONCURRENCY"]
-        self.opened = 0  # connections opened so far (for /metrics and the bench)
         self._idle: list[_Pooled] = []  # open, not in use; the most recently used last
         self._in_use: dict[int, _Pooled] = {}  # by the thread using it (abort())
         self._free = threading.BoundedSemaphore(self.size)  # a permit per connection
@@ -189,23 +188,18 @@ class Mailer:
         return taken
 
     def _checked_out(self, pooled: _Pooled | None) -> _Pooled:
-        """`pooled`, or a new connection: registered as this thread's (abort())."""
+        """`pooled`, or a new connection (its connect bounded by MAIL_TIMEOUT), registered
+        as this thread's so that abort() finds it."""
         if pooled is None:
             mail: Mail = self.app.extensions["mail"]
             config = self.app.config
             connection = TimeoutConnection(
                 mail, config["MAIL_TIMEOUT"], config.get("MAIL_TLS_CA_FILE")
             )
-            with self._lock:
-                self.opened += 1
-            # Registered before the connect, so an abort() reaches a connect that hangs.
-            pooled = _Pooled(connection)
-            with self._lock:
-                self._in_use[threading.get_ident()] = pooled
             connection.host = connection.configure_host()
-        else:
-            with self._lock:
-                self._in_use[threading.get_ident()] = pooled
+            pooled = _Pooled(connection)
+        with self._lock:
+            self._in_use[threading.get_ident()] = pooled
         return pooled
 
     def _put_back(self, pooled: _Pooled) -> None:
@@ -267,11 +261,6 @@ class Mailer:
             idle, self._idle = self._idle, []
         for pooled in idle:
             pooled.close()
-
-    @property
-    def open_connections(self) -> int:
-        with self._lock:
-            return len(self._idle) + len(self._in_use)
 
 
 def _body_may_be_sent(pooled: _Pooled | None) -> bool:

@@ -37,8 +37,16 @@ from rq.serializers import JSONSerializer
 from app.errors import ConfigError, NotReplicatedError
 
 MAIL_QUEUE = "mail"
+MAIL_HIGH_QUEUE = "mail-high"
+MAIL_BULK_QUEUE = "mail-bulk"
 DIGEST_QUEUE = "digests"
-QUEUE_NAMES = (MAIL_QUEUE, DIGEST_QUEUE)
+# Mail lanes: a mail's `priority` -> its queue (docs/api.md, "Priority lanes").
+PRIORITIES = {"high": MAIL_HIGH_QUEUE, "normal": MAIL_QUEUE, "bulk": MAIL_BULK_QUEUE}
+DEFAULT_PRIORITY = "normal"
+MAIL_QUEUES = tuple(PRIORITIES.values())
+# Every queue, in the order a worker serves them (the Procfile's worker line): strictly
+# highest first, digests (due at a local hour) ahead of bulk mail.
+QUEUE_NAMES = (MAIL_HIGH_QUEUE, MAIL_QUEUE, DIGEST_QUEUE, MAIL_BULK_QUEUE)
 
 EXTENSION = "mailqueue.redis"
 

@@ -38,6 +38,9 @@ class Transport(asyncio.Transport):
     def close(self) -> None:
         self.closed = True
 
+    def is_closing(self) -> bool:
+        return self.closed
+
 
 def feed(*chunks: bytes) -> tuple[Transport, Stats]:
     stats, transport = Stats(), Transport()

@@ -47,7 +47,8 @@ from rq.queue import Queue
 from rq.suspension import is_suspended
 from rq.timeouts import JobTimeoutException
 
-from app.leanworker import BATCH_SECONDS, PUT_BACK, LeanJob, LeanJobs, _is_lean
+from app.leanworker import BATCH_SECONDS, LeanJob, LeanJobs, _is_lean
+from app.scripts import CLAIM_ANY, put_back
 from app.smtp import get_mailer
 
 log = logging.getLogger("mailqueue.inflight")
@@ -75,24 +76,6 @@ EMPTY_BACKOFF = 0.02
 # After its deadline fired, a job still running this long is logged as stuck (a
 # thread cannot be killed: its slot stays taken until the function returns).
 STUCK_SECONDS = 10.0
-
-# KEYS: pairs of (queue, its intermediate list), in the worker's order. ARGV: how many.
-# Pops up to that many ids, from the first queue until it is empty, then the next:
-# a free slot always goes to the first queue that has work. Returns [index, id, ...].
-_CLAIM_ANY = """
-local out, left = {}, tonumber(ARGV[1])
-for k = 1, #KEYS, 2 do
-  while left > 0 do
-    local id = redis.call('LMOVE', KEYS[k], KEYS[k + 1], 'LEFT', 'RIGHT')
-    if not id then break end
-    out[#out + 1] = (k + 1) / 2
-    out[#out + 1] = id
-    left = left - 1
-  end
-  if left == 0 then break end
-end
-return out
-"""
 
 
 class SlotTimeout(JobTimeoutException):
@@ -174,7 +157,15 @@ class InFlight(LeanJobs):
             while True:
                 self._refill(claimed)
                 while claimed and len(self._slots) < self.concurrency:
+                    self.higher_waiting = False
                     self._launch(*claimed.pop(0))
+                    if self.higher_waiting:
+                        # A lane listed before the launched job's has work: what was
+                        # claimed ahead goes back, and the next claim starts at the top.
+                        self._release_claimed(claimed)
+                        claimed.clear()
+                        self._next_claim = 0.0
+                        self._refill(claimed)
                 self._flush()
                 if not self._slots:
                     break
@@ -259,7 +250,7 @@ class InFlight(LeanJobs):
         keys: list[str] = []
         for queue in self.queues:
             keys += [queue.key, queue.intermediate_queue_key]
-        raw: Any = self.connection.eval(_CLAIM_ANY, len(keys), *keys, str(count))
+        raw: Any = self.connection.eval(CLAIM_ANY, len(keys), *keys, str(count))
         if not raw:
             return []
         queues = [self.queues[int(index) - 1] for index in raw[0::2]]
@@ -299,13 +290,16 @@ class InFlight(LeanJobs):
     def _release_claimed(self, claimed: list[tuple[LeanJob, Queue]]) -> None:
         """Claimed jobs never started go back to the head of their queue (if still in
         its intermediate list); on a Redis error maintenance re-queues them instead."""
-        for job, queue in reversed(claimed):
-            seen_key = queue.intermediate_queue.get_first_seen_key(job.id)
-            keys = (queue.intermediate_queue_key, queue.key, seen_key)
-            try:
-                self.connection.eval(PUT_BACK, 3, *keys, job.id)
-            except redis.exceptions.RedisError:
-                return
+        if not claimed:
+            return
+        try:
+            with self.connection.pipeline(transaction=False) as pipeline:
+                put_back(pipeline, claimed)
+                pipeline.execute()
+        except redis.exceptions.RedisError as err:
+            log.warning(
+                "Worker %s: could not put back %d claimed jobs: %s", self.name, len(claimed), err
+            )
 
     # -- the slots' threads -------------------------------------------------------------
 

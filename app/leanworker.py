@@ -51,7 +51,6 @@ from datetime import datetime
 from typing import Any
 
 import redis.exceptions
-from redis.client import Pipeline
 from rq.executions import Execution
 from rq.job import Job, _job_stack
 from rq.queue import Queue
@@ -60,6 +59,7 @@ from rq.utils import now
 from rq.worker import BaseWorker, WorkerStatus
 
 from app.mail import DELIVER_JOB
+from app.scripts import CLAIM, Lanes, put_back, run_as_script
 from jobs.mail import queue_claim, write_sent
 
 # Job functions whose success needs no RQ reads: they never have dependents,
@@ -88,26 +88,6 @@ BATCH_SIZE = 16
 # list, and maintenance (AppWorker.requeue_stranded) allows a mail job that waits
 # BATCH_SECONDS plus one job's timeout before it takes it for stranded.
 BATCH_SECONDS = 2.0
-
-# KEYS: intermediate list, queue, the id's first-seen mark. ARGV: a job id. Moves it
-# back to the head of the queue only if it is still in the list (whoever moves it first).
-PUT_BACK = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('LPUSH', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[3])
-return 1
-"""
-
-# KEYS: queue, its intermediate list. ARGV: how many. Pops like AppQueue.dequeue_any.
-_CLAIM = """
-local ids = {}
-for _ = 1, tonumber(ARGV[1]) do
-  local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
-  if not id then break end
-  ids[#ids + 1] = id
-end
-return ids
-"""
 
 
 @dataclass
@@ -196,6 +176,10 @@ class LeanJobs(BaseWorker):
         if self.job_class is Job:
             self.job_class = LeanJob
         self._in_batch = False
+        # Set by _start when a queue listed before the started job's has work: start no
+        # more of the jobs claimed with it (app/scripts.py, lanes).
+        self._lanes = Lanes(self.queues)
+        self.higher_waiting = False
         # Lean jobs that succeeded, whose success (and their mails' `sent`) is written with
         # the next registration.
         self._pending: list[_Pending] = []
@@ -210,6 +194,7 @@ class LeanJobs(BaseWorker):
         jobs = [job, *self._claim(queue, BATCH_SIZE - 1)]
         done = 0
         self._in_batch = True
+        self.higher_waiting = False
         try:
             for current in jobs:
                 if self._stop_requested or (done and time.monotonic() - claimed > BATCH_SECONDS):
@@ -220,7 +205,7 @@ class LeanJobs(BaseWorker):
                     if isinstance(current, LeanJob):
                         current.carries_sent = True
                     self.perform_job(current, queue)
-                    if self._end_batch_after(current):
+                    if self._end_batch_after(current) or self.higher_waiting:
                         break
                 else:
                     self._flush()
@@ -229,8 +214,9 @@ class LeanJobs(BaseWorker):
         finally:
             self._in_batch = False
             if done < len(jobs):
-                # Stop requested, batch time spent, or an error escaped RQ's handling:
-                # the jobs not started go back to the head of their queue.
+                # Stop requested, batch time spent, a higher lane has work, or an error
+                # escaped RQ's handling: the jobs not started go back to the head of
+                # their queue.
                 try:
                     self._release(jobs[done:], queue)
                 except redis.exceptions.RedisError as err:
@@ -249,7 +235,7 @@ class LeanJobs(BaseWorker):
     def _claim(self, queue: Queue, count: int) -> list[Job]:
         """Up to `count` more jobs of `queue`, moved to its intermediate list."""
         raw: Any = self.connection.eval(
-            _CLAIM, 2, queue.key, queue.intermediate_queue_key, str(count)
+            CLAIM, 2, queue.key, queue.intermediate_queue_key, str(count)
         )
         if not raw:
             return []
@@ -265,7 +251,8 @@ class LeanJobs(BaseWorker):
         """Intermediate list -> started registry, atomically with the previous job's
         success: what prepare_execution and prepare_job_execution write (and the
         PERSIST that Job.perform would send on its own); the job's FIRST_STEPS step
-        follows in the same round trip."""
+        follows in the same round trip, and then the lane check: `higher_waiting`
+        says whether a queue listed before `queue` has work (app/scripts.py)."""
         ttl = self.get_heartbeat_ttl(job)
         first_step = FIRST_STEPS.get(job.func_name or "") if isinstance(job, LeanJob) else None
         with self.connection.pipeline() as writes, self.connection.pipeline(False) as pipeline:
@@ -289,7 +276,10 @@ class LeanJobs(BaseWorker):
             run_as_script(pipeline, writes)
             if first_step is not None:
                 first_step(pipeline, job)
+            checked = self._lanes.check(pipeline, queue)
             replies = self._execute(pipeline, carried)
+        if checked:
+            self.higher_waiting = bool(replies.pop())
         if isinstance(job, LeanJob):
             job.persisted = True
             if first_step is not None:
@@ -359,10 +349,7 @@ class LeanJobs(BaseWorker):
         one that maintenance already put back is not pushed a second time."""
         with self.connection.pipeline() as pipeline:
             carried = self._queue_pending(pipeline, pipeline)
-            for job in reversed(jobs):
-                seen_key = queue.intermediate_queue.get_first_seen_key(job.id)
-                keys = (queue.intermediate_queue_key, queue.key, seen_key)
-                pipeline.eval(PUT_BACK, 3, *keys, job.id)
+            put_back(pipeline, [(job, queue) for job in jobs])
             self._execute(pipeline, carried)
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
@@ -429,35 +416,6 @@ class LeanJobs(BaseWorker):
         pipeline.delete(
             job.execution_registry.key, job.key, job.dependents_key, job.dependencies_key
         )
-
-
-def run_as_script(pipeline: Any, writes: Pipeline) -> None:
-    """Queue the commands collected on `writes` on `pipeline` as one _RUN_WRITES script.
-
-    Atomic like the MULTI/EXEC they would make, but one command for redis-py to pack and
-    one reply to parse instead of twenty: redis-py's per-command work (argument
-    encoding, reply callbacks) was most of a worker's Redis time.
-    """
-    flat: list[Any] = []
-    for args, _options in writes.command_stack:
-        flat.append(len(args))
-        flat.extend(args)
-    pipeline.eval(_RUN_WRITES, 0, *flat)
-
-
-# ARGV: for each command, its length n, then its n words. Like EXEC, every command runs
-# even if one fails, and the first failure is the reply (redis-py raises it).
-_RUN_WRITES = """
-local i, failed = 1, nil
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  local reply = redis.pcall(unpack(ARGV, i + 1, i + n))
-  if type(reply) == 'table' and reply.err and not failed then failed = reply end
-  i = i + n + 1
-end
-if failed then return failed end
-return 1
-"""
 
 
 def _take_sent(job: Job) -> Callable[[Any], None] | None:

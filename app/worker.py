@@ -45,9 +45,10 @@ from app import create_app, events, status
 from app.config import load_dotenv_file
 from app.errors import ConfigError
 from app.inflight import InFlight
-from app.leanworker import BATCH_SECONDS, PUT_BACK
+from app.leanworker import BATCH_SECONDS
 from app.mail import DELIVER_JOB
-from app.queues import MAIL_QUEUE, get_redis, route_rq_cli_to_the_app_redis
+from app.queues import MAIL_QUEUES, get_redis, route_rq_cli_to_the_app_redis
+from app.scripts import PUT_BACK
 
 # `rq worker` reads REDIS_URL from the environment before it builds this class:
 # let it see the same `.env` the app reads (this pushes no app context), and the
@@ -57,8 +58,9 @@ route_rq_cli_to_the_app_redis()
 
 log = logging.getLogger("mailqueue.worker")
 
-# How long one blocking pop on the first queue waits before the others are polled again.
-POLL_SECONDS = 1.0
+# How long one blocking pop on the first queue waits before the others are polled again:
+# an idle worker sees a job of a lower lane (app.queues.QUEUE_NAMES) within this.
+POLL_SECONDS = 0.1
 # Redis socket timeout: our pops block POLL_SECONDS at most (RQ would set ~7 minutes).
 REDIS_SOCKET_TIMEOUT = 10
 # RQ holds its per-queue maintenance lock 899 s: a worker killed mid-pass would stop
@@ -251,7 +253,7 @@ class AppWorker(InFlight, SimpleWorker):
                 clean_registries(queue, self._exc_handlers)
                 worker_registration.clean_worker_registry(queue)
                 self.requeue_stranded(queue)
-                if queue.name == MAIL_QUEUE:
+                if queue.name in MAIL_QUEUES:
                     self.reconcile_failed(queue)
             finally:
                 queue.release_maintenance_lock()
@@ -268,7 +270,7 @@ class AppWorker(InFlight, SimpleWorker):
         (app/leanworker.py) may wait behind one slow job for its whole timeout.
         """
         grace = max(10, self.maintenance_interval)
-        if queue.name == MAIL_QUEUE:
+        if queue.name in MAIL_QUEUES:
             grace = max(grace, self.app.config["MAIL_JOB_TIMEOUT"] + int(BATCH_SECONDS) + 10)
         stranded: Any = self.connection.lrange(queue.intermediate_queue_key, 0, -1)
         for raw in stranded:

@@ -4,8 +4,9 @@
   worker (one line naming the key, exit status 1) before it takes a job, and
   runs every job in a fresh app context.
 - Runs jobs in-process (no fork per job: a fork re-imports nothing, but costs
-  ~3 ms and loses the reused SMTP connection); job timeouts still apply
-  through SIGALRM.
+  ~3 ms and loses the reused SMTP connections), up to MAIL_CONCURRENCY at once
+  on slot threads (app/inflight.py); job timeouts apply through SIGALRM to a job
+  on the main thread and through a per-job deadline to those in slots.
 - Always reads and writes jobs as JSON, whatever `--serializer` says.
 - Dequeues crash-safely from several queues: RQ pops with BLPOP when a worker
   listens on more than one queue, so a worker killed in that instant loses the

@@ -52,7 +52,7 @@ from rq.suspension import is_suspended
 from rq.timeouts import JobTimeoutException
 
 from app.leanjob import LeanJob
-from app.leanworker import BATCH_SECONDS, PUT_BACK, LeanJobs, _is_lean
+from app.leanworker import BATCH_SECONDS, LeanJobs, _is_lean
 from app.smtp import get_mailer
 
 log = logging.getLogger("mailqueue.inflight")
@@ -80,32 +80,6 @@ EMPTY_BACKOFF = 0.02
 # After its deadline fired, a job still running this long is logged as stuck (a
 # thread cannot be killed: its slot stays taken until the function returns).
 STUCK_SECONDS = 10.0
-
-# KEYS: pairs of (queue, its intermediate list), in the worker's order. ARGV: how many,
-# the job hash's key prefix. Pops up to that many ids, from the first queue until it
-# is empty, then the next: a free slot always goes to the first queue that has work.
-# Returns [index, id, job hash as a flat list, ...]; an id whose hash is gone is dropped
-# from the intermediate list (as AppQueue does), not returned.
-_CLAIM_ANY = """
-local out, left = {}, tonumber(ARGV[1])
-for k = 1, #KEYS, 2 do
-  while left > 0 do
-    local id = redis.call('LMOVE', KEYS[k], KEYS[k + 1], 'LEFT', 'RIGHT')
-    if not id then break end
-    local data = redis.call('HGETALL', ARGV[2] .. id)
-    if #data == 0 then
-      redis.call('LREM', KEYS[k + 1], 1, id)
-    else
-      out[#out + 1] = (k + 1) / 2
-      out[#out + 1] = id
-      out[#out + 1] = data
-      left = left - 1
-    end
-  end
-  if left == 0 then break end
-end
-return out
-"""
 
 
 class SlotTimeout(JobTimeoutException):
@@ -267,23 +241,11 @@ class InFlight(LeanJobs):
             claimed += got
 
     def _claim_any(self, count: int) -> list[tuple[LeanJob, Queue]]:
-        """Up to `count` more jobs, from the first of the worker's queues that has work,
-        each moved to its queue's intermediate list (where maintenance finds it if the
-        worker dies before starting it)."""
-        keys: list[str] = []
-        for queue in self.queues:
-            keys += [queue.key, queue.intermediate_queue_key]
-        raw: Any = self.connection.eval(
-            _CLAIM_ANY, len(keys), *keys, str(count), self.job_class.redis_job_namespace_prefix
-        )
+        """Up to `count` more jobs, from the first of the worker's queues that has work."""
         claimed: list[tuple[LeanJob, Queue]] = []
-        for start in range(0, len(raw or ()), 3):
-            index, job_id, flat = raw[start : start + 3]
-            # What Job.fetch_many builds from the hash it reads.
-            job = self.job_class(job_id.decode(), self.connection, serializer=self.serializer)
-            job.restore(dict(zip(flat[0::2], flat[1::2], strict=True)))
+        for job, queue in self.claim_from(self.queues, count):
             assert isinstance(job, LeanJob)  # AppWorker's job class
-            claimed.append((job, self.queues[int(index) - 1]))
+            claimed.append((job, queue))
         return claimed
 
     def _launch(self, claimed: list[tuple[LeanJob, Queue]], count: int) -> None:
@@ -322,15 +284,16 @@ class InFlight(LeanJobs):
             thread.start()
 
     def _release_claimed(self, claimed: list[tuple[LeanJob, Queue]]) -> None:
-        """Claimed jobs never started go back to the head of their queue (if still in
-        its intermediate list); on a Redis error maintenance re-queues them instead."""
-        for job, queue in reversed(claimed):
-            seen_key = queue.intermediate_queue.get_first_seen_key(job.id)
-            keys = (queue.intermediate_queue_key, queue.key, seen_key)
-            try:
-                self.connection.eval(PUT_BACK, 3, *keys, job.id)
-            except redis.exceptions.RedisError:
-                return
+        """Claimed jobs never started go back to the head of their queue; on a Redis
+        error they stay in the intermediate list, where maintenance re-queues them."""
+        if not claimed:
+            return
+        try:
+            self._release(claimed)
+        except redis.exceptions.RedisError as err:
+            log.warning(
+                "Worker %s: could not put back %d claimed jobs: %s", self.name, len(claimed), err
+            )
 
     # -- the slots' threads -------------------------------------------------------------
 

@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.exceptions
-from redis.client import Pipeline
 from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
@@ -60,6 +59,7 @@ from rq.worker import BaseWorker, WorkerStatus
 
 from app.leanjob import LeanJob
 from app.mail import DELIVER_JOB
+from app.scripts import CLAIM, PUT_BACK, run_as_script
 from jobs.mail import queue_claim, write_sent
 
 # Job functions whose success needs no RQ reads: they never have dependents,
@@ -88,26 +88,6 @@ BATCH_SIZE = 16
 # list, and maintenance (AppWorker.requeue_stranded) allows a mail job that waits
 # BATCH_SECONDS plus one job's timeout before it takes it for stranded.
 BATCH_SECONDS = 2.0
-
-# KEYS: intermediate list, queue, the id's first-seen mark. ARGV: a job id. Moves it
-# back to the head of the queue only if it is still in the list (whoever moves it first).
-PUT_BACK = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('LPUSH', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[3])
-return 1
-"""
-
-# KEYS: queue, its intermediate list. ARGV: how many. Pops like AppQueue.dequeue_any.
-_CLAIM = """
-local ids = {}
-for _ = 1, tonumber(ARGV[1]) do
-  local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
-  if not id then break end
-  ids[#ids + 1] = id
-end
-return ids
-"""
 
 
 @dataclass
@@ -186,7 +166,7 @@ class LeanJobs(BaseWorker):
                 # Stop requested, batch time spent, or an error escaped RQ's handling:
                 # the jobs not started go back to the head of their queue.
                 try:
-                    self._release(jobs[done:], queue)
+                    self._release([(job, queue) for job in jobs[done:]])
                 except redis.exceptions.RedisError as err:
                     # They stay in the intermediate list: maintenance re-queues them.
                     self.log.warning(
@@ -202,18 +182,25 @@ class LeanJobs(BaseWorker):
 
     def _claim(self, queue: Queue, count: int) -> list[Job]:
         """Up to `count` more jobs of `queue`, moved to its intermediate list."""
-        raw: Any = self.connection.eval(
-            _CLAIM, 2, queue.key, queue.intermediate_queue_key, str(count)
-        )
-        if not raw:
-            return []
-        ids = [item.decode() for item in raw]
-        fetched = self.job_class.fetch_many(ids, self.connection, serializer=self.serializer)
-        jobs = [job for job in fetched if job is not None]
-        gone = [job_id for job_id, job in zip(ids, fetched, strict=True) if job is None]
-        for job_id in gone:  # no data any more: drop the id, as AppQueue does
-            self.connection.lrem(queue.intermediate_queue_key, 1, job_id)
-        return jobs
+        return [job for job, _queue in self.claim_from([queue], count)]
+
+    def claim_from(self, queues: Sequence[Queue], count: int) -> list[tuple[Job, Queue]]:
+        """Up to `count` more jobs from the first of `queues` that has work (then the
+        next), each moved to its queue's intermediate list (where maintenance finds it
+        if the worker dies before starting it), with its hash: one round trip."""
+        keys: list[str] = []
+        for queue in queues:
+            keys += [queue.key, queue.intermediate_queue_key]
+        prefix = self.job_class.redis_job_namespace_prefix
+        raw: Any = self.connection.eval(CLAIM, len(keys), *keys, str(count), prefix)
+        claimed: list[tuple[Job, Queue]] = []
+        for start in range(0, len(raw or ()), 3):
+            index, job_id, flat = raw[start : start + 3]
+            # What Job.fetch_many builds from the hash it reads.
+            job = self.job_class(job_id.decode(), self.connection, serializer=self.serializer)
+            job.restore(dict(zip(flat[0::2], flat[1::2], strict=True)))
+            claimed.append((job, queues[int(index) - 1]))
+        return claimed
 
     def _start(self, job: Job, queue: Queue) -> None:
         """Start one job (see _start_many); it is then `self.execution`."""
@@ -324,12 +311,13 @@ class LeanJobs(BaseWorker):
             if sent is not None:
                 write_sent(self.connection, sent)
 
-    def _release(self, jobs: list[Job], queue: Queue) -> None:
-        """Claimed jobs never started go back to the head of their queue, in order;
-        one that maintenance already put back is not pushed a second time."""
+    def _release(self, claimed: Sequence[tuple[Job, Queue]]) -> None:
+        """Claimed jobs never started go back to the head of their queue, in order, in
+        one round trip (with the pending successes); one that maintenance already put
+        back, or that was started after all, is not pushed (PUT_BACK)."""
         with self.connection.pipeline() as pipeline:
             carried = self._queue_pending(pipeline, pipeline)
-            for job in reversed(jobs):
+            for job, queue in reversed(claimed):
                 seen_key = queue.intermediate_queue.get_first_seen_key(job.id)
                 keys = (queue.intermediate_queue_key, queue.key, seen_key)
                 pipeline.eval(PUT_BACK, 3, *keys, job.id)
@@ -399,35 +387,6 @@ class LeanJobs(BaseWorker):
         pipeline.delete(
             job.execution_registry.key, job.key, job.dependents_key, job.dependencies_key
         )
-
-
-def run_as_script(pipeline: Any, writes: Pipeline) -> None:
-    """Queue the commands collected on `writes` on `pipeline` as one _RUN_WRITES script.
-
-    Atomic like the MULTI/EXEC they would make, but one command for redis-py to pack and
-    one reply to parse instead of twenty: redis-py's per-command work (argument
-    encoding, reply callbacks) was most of a worker's Redis time.
-    """
-    flat: list[Any] = []
-    for args, _options in writes.command_stack:
-        flat.append(len(args))
-        flat.extend(args)
-    pipeline.eval(_RUN_WRITES, 0, *flat)
-
-
-# ARGV: for each command, its length n, then its n words. Like EXEC, every command runs
-# even if one fails, and the first failure is the reply (redis-py raises it).
-_RUN_WRITES = """
-local i, failed = 1, nil
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  local reply = redis.pcall(unpack(ARGV, i + 1, i + n))
-  if type(reply) == 'table' and reply.err and not failed then failed = reply end
-  i = i + n + 1
-end
-if failed then return failed end
-return 1
-"""
 
 
 def _take_sent(job: Job) -> Callable[[Any], None] | None:

@@ -46,9 +46,10 @@ from app import create_app, events, status
 from app.config import load_dotenv_file
 from app.errors import ConfigError
 from app.inflight import InFlight
-from app.leanworker import BATCH_SECONDS, PUT_BACK
+from app.leanworker import BATCH_SECONDS
 from app.mail import DELIVER_JOB
 from app.queues import MAIL_QUEUE, get_redis, route_rq_cli_to_the_app_redis
+from app.scripts import PUT_BACK
 
 # `rq worker` reads REDIS_URL from the environment before it builds this class:
 # let it see the same `.env` the app reads (this pushes no app context), and the

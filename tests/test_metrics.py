@@ -102,7 +102,7 @@ def test_jobs_a_worker_claimed_but_has_not_started_still_count_as_waiting(
         for n in range(3):
             send_email("ann@example.com", "Hi", "test", address="a")
             traveller.move_to(start + timedelta(seconds=10 * (n + 1)))
-        for _ in range(2):  # as a batch claims them (leanworker._CLAIM)
+        for _ in range(2):  # as a batch claims them (app.scripts.CLAIM)
             redis_client.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
         traveller.move_to(start + timedelta(seconds=100))
         samples = scrape(client, auth)

@@ -1,0 +1,76 @@
+"""The worker's Lua scripts: each moves a job between RQ's lists in one atomic step.
+
+Kept apart from the worker classes that send them (app/leanworker.py,
+app/inflight.py, app/worker.py's maintenance), so that what runs inside Redis
+reads in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.client import Pipeline
+
+# KEYS: intermediate list, queue, the id's first-seen mark. ARGV: a job id. Moves it
+# back to the head of the queue only if it is still in the list (whoever moves it first).
+PUT_BACK = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+# KEYS: pairs of (queue, its intermediate list), in the worker's order. ARGV: how many,
+# the job hash's key prefix. Pops up to that many ids, from the first queue until it
+# is empty, then the next: a free slot always goes to the first queue that has work.
+# Returns [index, id, job hash as a flat list, ...]; an id whose hash is gone is dropped
+# from the intermediate list (as AppQueue does), not returned.
+CLAIM = """
+local out, left = {}, tonumber(ARGV[1])
+for k = 1, #KEYS, 2 do
+  while left > 0 do
+    local id = redis.call('LMOVE', KEYS[k], KEYS[k + 1], 'LEFT', 'RIGHT')
+    if not id then break end
+    local data = redis.call('HGETALL', ARGV[2] .. id)
+    if #data == 0 then
+      redis.call('LREM', KEYS[k + 1], 1, id)
+    else
+      out[#out + 1] = (k + 1) / 2
+      out[#out + 1] = id
+      out[#out + 1] = data
+      left = left - 1
+    end
+  end
+  if left == 0 then break end
+end
+return out
+"""
+
+
+def run_as_script(pipeline: Any, writes: Pipeline) -> None:
+    """Queue the commands collected on `writes` on `pipeline` as one _RUN_WRITES script.
+
+    Atomic like the MULTI/EXEC they would make, but one command for redis-py to pack and
+    one reply to parse instead of twenty: redis-py's per-command work (argument
+    encoding, reply callbacks) was most of a worker's Redis time.
+    """
+    flat: list[Any] = []
+    for args, _options in writes.command_stack:
+        flat.append(len(args))
+        flat.extend(args)
+    pipeline.eval(_RUN_WRITES, 0, *flat)
+
+
+# ARGV: for each command, its length n, then its n words. Like EXEC, every command runs
+# even if one fails, and the first failure is the reply (redis-py raises it).
+_RUN_WRITES = """
+local i, failed = 1, nil
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local reply = redis.pcall(unpack(ARGV, i + 1, i + n))
+  if type(reply) == 'table' and reply.err and not failed then failed = reply end
+  i = i + n + 1
+end
+if failed then return failed end
+return 1
+"""

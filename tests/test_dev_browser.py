@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -69,33 +70,64 @@ class LiveServer:
 
 
 class Browser:
-    """One headless Chromium run per call, with a throw-away profile."""
+    """One headless Chromium run per call, with a throw-away profile.
+
+    Headless Chromium now and then writes its output and then never exits (seen here
+    once in CI after a screenshot; cypress-io/cypress#27264, vgalin/html2image#97 report
+    the same). So a run that overstays HANG_SECONDS is killed with its whole process
+    group, and its output is used only if complete (a PNG through its IEND chunk, a DOM
+    through `</html>`); otherwise it runs again, at most ATTEMPTS times in all.
+    """
+
+    HANG_SECONDS = 30
+    ATTEMPTS = 3
 
     def __init__(self, profile: Path) -> None:
         self.profile = profile
 
-    def _run(self, url: str, *args: str) -> str:
+    def _run(self, url: str, *args: str, complete: Callable[[str], bool]) -> str:
         assert CHROMIUM is not None
-        command = [
-            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--no-first-run", "--hide-scrollbars", f"--user-data-dir={self.profile}",
-            # Let subresources (the iframe) load before the DOM is dumped or the shot taken.
-            "--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000",
-            *args, url,
-        ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=90, check=False)
-        assert result.returncode == 0, result.stderr[-2000:]
-        return result.stdout
+        for attempt in range(1, self.ATTEMPTS + 1):
+            command = [
+                CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--hide-scrollbars",
+                f"--user-data-dir={self.profile}-{attempt}",
+                # Let subresources (the iframe) load before the DOM is dumped or the shot taken.
+                "--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000",
+                *args, url,
+            ]  # fmt: skip
+            process = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            try:
+                stdout, stderr = process.communicate(timeout=self.HANG_SECONDS)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                stdout, stderr = process.communicate()
+                if complete(stdout):
+                    return stdout
+                continue
+            assert process.returncode == 0, stderr[-2000:]
+            return stdout
+        raise AssertionError(f"chromium hung {self.ATTEMPTS} times on {url}")
 
     def dom(self, url: str) -> str:
-        return self._run(url, "--dump-dom")
+        return self._run(url, "--dump-dom", complete=lambda out: "</html>" in out)
 
     def screenshot(self, url: str, name: str) -> Path:
         ARTIFACTS.mkdir(exist_ok=True)
         path = ARTIFACTS / f"{name}.png"
         path.unlink(missing_ok=True)
-        self._run(url, f"--screenshot={path}", "--window-size=1200,900")
+
+        def written(_: str) -> bool:  # a PNG ends with its empty IEND chunk
+            return path.exists() and path.read_bytes().endswith(b"\0\0\0\0IEND\xaeB`\x82")
+
+        self._run(url, f"--screenshot={path}", "--window-size=1200,900", complete=written)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "no screenshot written"
         assert path.stat().st_size > 10_000, "screenshot suspiciously small (blank page?)"
         return path

@@ -158,8 +158,11 @@ def test_dev_stack_end_to_end(tmp_path: Path) -> None:
         assert message["Message-ID"].startswith(f"<{reply['id']}@")
         assert message.get_content_type() == "multipart/alternative"
         assert wait_until(lambda: f"file={eml}" in output(), timeout=10), output()
-        code, view = http(f"{base}/api/mail/{reply['id']}", token=token)
-        assert view["status"] == "sent"
+        # The sink writes the file before it answers 250; `sent` is recorded after that reply.
+        assert wait_until(
+            lambda: http(f"{base}/api/mail/{reply['id']}", token=token)[1]["status"] == "sent",
+            timeout=10,
+        ), http(f"{base}/api/mail/{reply['id']}", token=token)
 
         # Another shell, as the README says: source .local/devstack.env, flask mail send-test.
         env_file = local / "devstack.env"

@@ -7,7 +7,8 @@ flight (app/inflight.py), never more than MAIL_CONCURRENCY. A reused connection
 saves the connect, greeting, EHLO, STARTTLS and AUTH round trips of a new one; a
 connection the server has dropped is reopened once; one idle for
 MAIL_IDLE_TIMEOUT seconds is closed by a sweeper thread. A server that offers
-PIPELINING gets each mail in two round trips instead of 3 + one per recipient.
+PIPELINING gets each mail in two round trips instead of 3 + one per recipient,
+one that offers CHUNKING as well in one.
 SMTP failures are sorted here into transient (retry) and permanent (fail now),
 keeping the server's reply. With MAIL_MAX_PER_SECOND set, every send first takes
 a fleet-wide permit (app/ratelimit.py).
@@ -16,49 +17,27 @@ a fleet-wide permit (app/ratelimit.py).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import smtplib
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import redis.exceptions
 from flask import Flask, current_app
-from flask_mail import Connection, Mail, Message, sanitize_address
+from flask_mail import Connection, Mail, Message
 from rq.timeouts import JobTimeoutException
 
 from app.errors import PermanentDeliveryError, TransientDeliveryError
-from app.mail import BARE_ADDRESS
 from app.ratelimit import RateLimiter
+from app.smtpwire import TrackingSMTP, TrackingSMTP_SSL, envelope_address, sendmail_pipelined
 
 log = logging.getLogger("mailqueue.smtp")
 
 EXTENSION = "mailqueue.smtp"
-
-
-class _BodyTracking:
-    """An SMTP client that notes when a message body may have reached the server.
-    From then on a lost connection may mean a delivered mail: never send it again
-    at once (the job's retry, after the lease, checks the record first)."""
-
-    body_may_be_sent = False
-
-    def data(self, msg: Any) -> tuple[int, bytes]:  # sendmail's last step (no PIPELINING)
-        self.body_may_be_sent = True
-        reply: tuple[int, bytes] = super().data(msg)  # type: ignore[misc]
-        return reply
-
-
-class _SMTP(_BodyTracking, smtplib.SMTP):
-    pass
-
-
-class _SMTP_SSL(_BodyTracking, smtplib.SMTP_SSL):
-    pass
 
 
 class TimeoutConnection(Connection):
@@ -74,11 +53,11 @@ class TimeoutConnection(Connection):
         # The system's CAs, or only MAIL_TLS_CA_FILE's; certificates are always verified.
         context = ssl.create_default_context(cafile=self.ca_file)
         if self.mail.use_ssl:
-            host = _SMTP_SSL(
+            host = TrackingSMTP_SSL(
                 self.mail.server, self.mail.port, timeout=self.timeout, context=context
             )
         else:
-            host = _SMTP(self.mail.server, self.mail.port, timeout=self.timeout)
+            host = TrackingSMTP(self.mail.server, self.mail.port, timeout=self.timeout)
         try:
             if self.mail.use_tls:
                 host.starttls(context=context)
@@ -98,9 +77,9 @@ class _Pooled:
         self.last_used = time.monotonic()
 
     @property
-    def host(self) -> _SMTP | _SMTP_SSL:
+    def host(self) -> TrackingSMTP | TrackingSMTP_SSL:
         host = self.connection.host
-        assert isinstance(host, _SMTP | _SMTP_SSL)
+        assert isinstance(host, TrackingSMTP | TrackingSMTP_SSL)
         return host
 
     def close(self) -> None:
@@ -271,87 +250,19 @@ def _body_may_be_sent(pooled: _Pooled | None) -> bool:
 def _send_once(pooled: _Pooled, message: Message, permit: Callable[[], None]) -> dict[str, str]:
     host = pooled.host
     host.body_may_be_sent = False
-    recipients = [_envelope(address) for address in message.send_to]
+    recipients = [envelope_address(address) for address in message.send_to]
     # Connected, but maybe not greeted yet (no STARTTLS or login): EHLO says what it offers.
     host.ehlo_or_helo_if_needed()
     # Right before the send, after connecting: the permit is spent on a mail,
     # never on a connection attempt that fails.
     permit()
-    sender, msg = _envelope(message.sender), message.as_bytes()
+    sender, msg = envelope_address(message.sender), message.as_bytes()
     options = message.mail_options, message.rcpt_options
     if host.has_extn("pipelining"):
-        refused = _sendmail_pipelined(host, sender, recipients, msg, *options)
+        refused = sendmail_pipelined(host, sender, recipients, msg, *options)
     else:
         refused = host.sendmail(sender, recipients, msg, *options)
     return {addr: _reply(code, text) for addr, (code, text) in refused.items()}
-
-
-_quote_periods: Callable[[bytes], bytes] = smtplib._quote_periods  # type: ignore[attr-defined]
-
-
-def _sendmail_pipelined(
-    host: smtplib.SMTP,
-    sender: str,
-    recipients: list[str],
-    msg: bytes,
-    mail_options: Sequence[str] = (),
-    rcpt_options: Sequence[str] = (),
-) -> dict[str, tuple[int, bytes]]:
-    """`host.sendmail`, but with MAIL, every RCPT and DATA in one write (RFC 2920).
-
-    Each command is otherwise a round trip of its own, ~80 us of CPU at both ends
-    here. Same commands, replies, return value and exceptions as sendmail; the
-    replies are read in order, and a failed transaction is RSET (or closed after
-    a 421, or when the server would take a body we no longer send).
-    """
-    if any(option.lower() == "smtputf8" for option in mail_options):
-        return host.sendmail(sender, recipients, msg, mail_options, rcpt_options)
-    options = [f"size={len(msg)}"] if host.has_extn("size") else []
-    mail_tail = "".join(" " + option for option in [*options, *mail_options])
-    rcpt_tail = "".join(" " + option for option in rcpt_options)
-    commands = [f"MAIL FROM:{_quoted(sender)}{mail_tail}"]
-    commands += [f"RCPT TO:{_quoted(recipient)}{rcpt_tail}" for recipient in recipients]
-    commands.append("DATA")
-    if any("\r" in command or "\n" in command for command in commands):
-        raise ValueError(f"newline in an SMTP command: {commands!r}")
-    host.send("".join(command + "\r\n" for command in commands))
-    replies: list[tuple[int, bytes]] = []
-    for _ in commands:
-        replies.append(host.getreply())
-        if replies[-1][0] == 421:  # the server closes the connection: no more replies
-            host.close()
-            break
-    code, text = replies[0]
-    refused = {
-        address: reply
-        for address, reply in zip(recipients, replies[1:], strict=False)
-        if reply[0] not in (250, 251)
-    }
-    error: smtplib.SMTPException
-    body_sent = False
-    if code != 250:
-        error = smtplib.SMTPSenderRefused(code, text, sender)
-    elif len(refused) == len(recipients) or len(replies) < len(commands):
-        error = smtplib.SMTPRecipientsRefused(refused)
-    else:
-        code, text = replies[-1]
-        if code == 354:
-            if isinstance(host, _BodyTracking):
-                host.body_may_be_sent = True
-            body = _quote_periods(msg)
-            host.send(body + (b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n"))
-            body_sent = True
-            code, text = host.getreply()
-            if code == 250:
-                return refused
-        error = smtplib.SMTPDataError(code, text)
-    if code == 421 or (replies[-1][0] == 354 and not body_sent):
-        host.close()  # closing is the only way to abort a DATA the server has accepted
-    elif host.sock is not None:
-        # Whatever RSET meets, the transaction's own error is the one to report.
-        with contextlib.suppress(smtplib.SMTPException, OSError):
-            host.rset()
-    raise error
 
 
 def _dropped(err: BaseException) -> bool:
@@ -360,31 +271,6 @@ def _dropped(err: BaseException) -> bool:
     return isinstance(err, smtplib.SMTPServerDisconnected) or (
         isinstance(err, smtplib.SMTPSenderRefused) and err.smtp_code == 421
     )
-
-
-def _quoted(address: str) -> str:
-    """smtplib's quoteaddr, without its parseaddr for the bare addresses we validated."""
-    return f"<{address}>" if BARE_ADDRESS.fullmatch(address) else _quoteaddr(address)
-
-
-@functools.lru_cache(maxsize=256)
-def _quoteaddr(address: str) -> str:
-    # Mostly the configured sender, the same on every mail.
-    return smtplib.quoteaddr(address)
-
-
-def _envelope(address: str | tuple[str, str]) -> str:
-    """What Flask-Mail's sanitize_address gives smtplib for MAIL FROM / RCPT TO; a bare
-    address is already that (its RFC 5322 parse was ~10% of a worker's CPU), and the
-    sender, the same on every mail, is worked out once."""
-    if isinstance(address, str) and BARE_ADDRESS.fullmatch(address):
-        return address
-    return _sanitized(address)
-
-
-@functools.lru_cache(maxsize=256)
-def _sanitized(address: str | tuple[str, str]) -> str:
-    return sanitize_address(address)
 
 
 def classify(err: BaseException) -> TransientDeliveryError | PermanentDeliveryError:

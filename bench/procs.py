@@ -143,6 +143,10 @@ class SinkClient:
         """Every reply from now on `ms` late (a provider a round trip away)."""
         self._ask(f"LAG {ms:g}")
 
+    def set_chunking(self, on: bool) -> None:
+        """Offer CHUNKING (BDAT) to connections greeted from now on, or stop offering it."""
+        self._ask(f"CHUNKING {'on' if on else 'off'}")
+
     def wait_for(self, count: int, timeout: float, stall: float = 20.0) -> int:
         """Wait until the sink has `count` messages; give up at `timeout`, or after `stall`
         seconds without a new one. Returns the count reached."""

@@ -18,6 +18,8 @@ time is its own. A line protocol on the control port serves the harness:
     LAG ms -> from now on, send every reply (the greeting too) `ms` milliseconds late:
               a provider a round trip away (replies to pipelined commands still go
               out together, in order)
+    CHUNKING on|off -> offer CHUNKING (RFC 3030 BDAT, as Postfix and Gmail do) to
+              connections greeted from now on; off by default
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 
 MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]*>)", re.IGNORECASE | re.MULTILINE)
 EHLO_REPLY = b"250-bench-sink\r\n250-8BITMIME\r\n250-PIPELINING\r\n250 SIZE 33554432\r\n"
+EHLO_CHUNKING = EHLO_REPLY.replace(b"250 SIZE", b"250-CHUNKING\r\n250 SIZE")
 MAX_LINE = 65536
 
 
@@ -40,6 +43,7 @@ class Stats:
         self.connections = 0
         self.seen: dict[bytes, list[float | int]] = {}
         self.lag = 0.0  # seconds every reply is held back
+        self.chunking = False
 
     def accept(self, data: bytes) -> None:
         now = time.monotonic()
@@ -61,6 +65,8 @@ class SMTPSession(asyncio.Protocol):
         self.stats = stats
         self.buffer = b""
         self.in_data = False
+        self.chunk: tuple[int, bool] | None = None  # (size, last) of the BDAT being read
+        self.chunks: list[bytes] = []
         self.transport: asyncio.Transport | None = None
         self.due = 0.0  # when the latest held-back reply goes out (keeps them in order)
 
@@ -97,6 +103,17 @@ class SMTPSession(asyncio.Protocol):
         replies: list[bytes] = []
         close = False
         while True:
+            if self.chunk is not None:
+                size, last = self.chunk
+                if len(self.buffer) < size:
+                    break
+                self.chunks.append(self.buffer[:size])
+                self.buffer, self.chunk = self.buffer[size:], None
+                if last:
+                    self.stats.accept(b"".join(self.chunks))
+                    self.chunks = []
+                replies.append(b"250 2.0.0 OK\r\n")
+                continue
             if self.in_data:
                 # The body starts right after DATA's CRLF (in this packet or a later one)
                 # and ends with "\r\n.\r\n"; ".\r\n" right away is an empty body.
@@ -125,8 +142,11 @@ class SMTPSession(asyncio.Protocol):
             elif verb == b"DATA":
                 self.in_data = True
                 replies.append(b"354 go ahead\r\n")
+            elif verb == b"BDAT" and self.stats.chunking:
+                words = line.split()
+                self.chunk = (int(words[1]), len(words) > 2 and words[2].upper() == b"LAST")
             elif verb == b"EHLO":
-                replies.append(EHLO_REPLY)
+                replies.append(EHLO_CHUNKING if self.stats.chunking else EHLO_REPLY)
             elif verb == b"HELO":
                 replies.append(b"250 bench-sink\r\n")
             elif verb == b"QUIT":
@@ -168,6 +188,9 @@ class Control(asyncio.Protocol):
             elif command.startswith(b"LAG "):
                 self.stats.lag = float(command[4:]) / 1000
                 reply = {"lag_ms": self.stats.lag * 1000}
+            elif command.startswith(b"CHUNKING "):
+                self.stats.chunking = command.endswith(b" ON")
+                reply = {"chunking": self.stats.chunking}
             elif command == b"RESET":
                 fresh = Stats()
                 self.stats.messages, self.stats.seen = fresh.messages, fresh.seen

@@ -124,7 +124,8 @@ class RecordingHandler:
 
     It offers PIPELINING, as the big providers and Postfix do (aiosmtpd reads commands
     in order from a stream, so pipelined ones are answered correctly); `pipelining =
-    False` for a server without it.
+    False` for a server without it. `chunking = True` adds CHUNKING (RFC 3030, BDAT),
+    which Postfix and Gmail offer and aiosmtpd lacks (`_SMTP.smtp_BDAT`).
     """
 
     def __init__(self) -> None:
@@ -137,6 +138,7 @@ class RecordingHandler:
         self.hang_seconds = 0.0
         self.reply_delay = 0.0  # every MAIL, RCPT and end-of-DATA reply this late (a far server)
         self.pipelining = True
+        self.chunking = False
         self.refuse_mail: str | None = None  # reply to MAIL FROM instead of 250
         self.mail_replies: list[str] = []  # one-shot replies to the next MAIL FROMs, in order
         self.data_command_reply: str | None = None  # reply to the DATA command instead of 354
@@ -147,9 +149,9 @@ class RecordingHandler:
     ) -> list[str]:
         session.host_name = hostname  # what aiosmtpd does when there is no hook
         self.connections.append(server)
-        if self.pipelining:
-            return [*responses[:-1], "250-PIPELINING", responses[-1]]
-        return responses
+        extensions = ["250-PIPELINING"] if self.pipelining else []
+        extensions += ["250-CHUNKING"] if self.chunking else []
+        return [*responses[:-1], *extensions, responses[-1]]
 
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Envelope, address: str, mail_options: list[str]
@@ -217,6 +219,7 @@ class RecordingHandler:
         self.hang_seconds = 0.0
         self.reply_delay = 0.0
         self.pipelining = True
+        self.chunking = False
         self.refuse_mail = None
         self.mail_replies = []
         self.data_command_reply = None
@@ -236,7 +239,39 @@ class RecordingHandler:
 
 
 class _SMTP(SMTP):
-    """aiosmtpd's server, with RecordingHandler.data_command_reply (no hook runs before 354)."""
+    """aiosmtpd's server, with RecordingHandler.data_command_reply (no hook runs before 354)
+    and BDAT when the handler offers CHUNKING."""
+
+    _chunks: list[bytes]
+
+    async def smtp_BDAT(self, arg: str) -> None:
+        """RFC 3030: read `size` bytes whatever the reply (they are not commands), keep
+        them until LAST, then run the DATA hook on the whole message."""
+        words = arg.split()
+        if not self.event_handler.chunking or not words or not words[0].isdigit():
+            await self.push("500 5.5.1 Error: command not recognized")
+            return
+        chunk = await self._reader.readexactly(int(words[0]))
+        last = len(words) == 2 and words[1].upper() == "LAST"
+        if self.envelope is None or not self.envelope.rcpt_tos or len(words) > 1 + last:
+            self._chunks = []
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        reply = self.event_handler.data_command_reply
+        if reply:
+            self._chunks = []
+            await self.push(reply)
+            return
+        self._chunks = [*getattr(self, "_chunks", []), chunk]
+        if not last:
+            await self.push(f"250 2.0.0 {len(chunk)} octets received")
+            return
+        content = b"".join(self._chunks)
+        self._chunks = []
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
 
     async def smtp_DATA(self, arg: str) -> None:
         reply = self.event_handler.data_command_reply

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from bench.sink import EHLO_REPLY, SMTPSession, Stats
+from bench.sink import EHLO_CHUNKING, EHLO_REPLY, SMTPSession, Stats
 
 BODY = b"Message-ID: <one@example.com>\r\nSubject: x\r\n\r\n..dot-stuffed\r\nlast"
 STREAM = (
@@ -93,3 +93,28 @@ def test_with_a_lag_replies_come_late_and_in_order() -> None:
     assert b"".join(transport.writes) == b"220 bench-sink ESMTP\r\n" + REPLIES
     assert transport.closed and stats.messages == 2
     assert took >= 0.05
+
+
+CHUNKED = b"Message-ID: <two@example.com>\r\nSubject: y\r\n\r\n.not stuffed\r\n"
+CHUNKED_STREAM = (
+    b"EHLO client\r\n"
+    b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n"
+    b"BDAT 20\r\n" + CHUNKED[:20] + b"BDAT %d LAST\r\n" % (len(CHUNKED) - 20) + CHUNKED[20:]
+    + b"QUIT\r\n"
+)  # fmt: skip
+
+
+def test_with_chunking_on_bdat_chunks_make_one_message_in_every_cut() -> None:
+    for cut in range(1, len(CHUNKED_STREAM)):
+        stats, transport = Stats(), Transport()
+        stats.chunking = True
+        session = SMTPSession(stats)
+        session.connection_made(transport)
+        session.data_received(CHUNKED_STREAM[:cut])
+        session.data_received(CHUNKED_STREAM[cut:])
+        replies = b"".join(transport.writes[1:])
+        assert replies == EHLO_CHUNKING + b"250 OK\r\n" * 2 + b"250 2.0.0 OK\r\n" * 2 + (
+            b"221 bye\r\n"
+        ), cut
+        assert list(stats.seen) == [b"<two@example.com>"], cut
+    assert b"250-CHUNKING\r\n" in EHLO_CHUNKING and b"CHUNKING" not in EHLO_REPLY

@@ -1,4 +1,5 @@
-"""The Mailer's SMTP conversation, with and without PIPELINING (RFC 2920), against
+"""The Mailer's SMTP conversation, with and without PIPELINING (RFC 2920) and CHUNKING
+(RFC 3030), against
 real servers: aiosmtpd (tests/servers.py) and, to see what goes out in one write, a
 bare socket server that answers nothing until it has read DATA."""
 
@@ -17,7 +18,8 @@ from flask_mail import Message
 
 from app import create_app
 from app.errors import PermanentDeliveryError, TransientDeliveryError
-from app.smtp import _sendmail_pipelined, get_mailer
+from app.smtp import get_mailer
+from app.smtpwire import sendmail_pipelined
 from tests.servers import SMTPServer
 
 SENDER = "noreply@example.com"
@@ -30,10 +32,12 @@ def message(*recipients: str, body: str = "hello") -> Message:
     return Message("Hi", sender=SENDER, recipients=list(recipients), body=body, charset="us-ascii")
 
 
-@pytest.fixture(params=[True, False], ids=["pipelining", "no-pipelining"])
+@pytest.fixture(params=["pipelining", "chunking", "no-pipelining"])
 def pipelining(request: pytest.FixtureRequest, smtp_server: SMTPServer, env: Any) -> bool:
-    smtp_server.handler.pipelining = request.param  # after env's reset, before any EHLO
-    return bool(request.param)
+    """The server's offer (set after env's reset, before any EHLO); True when it pipelines."""
+    smtp_server.handler.pipelining = request.param != "no-pipelining"
+    smtp_server.handler.chunking = request.param == "chunking"
+    return bool(smtp_server.handler.pipelining)
 
 
 def test_pipelining_is_used_exactly_when_the_server_offers_it(
@@ -201,15 +205,21 @@ def outcome_of(send: Callable[[], dict[str, tuple[int, bytes]]]) -> object:
         return type(err), err.args
 
 
+@pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
 @pytest.mark.parametrize(("knobs", "recipients"), [o[:2] for o in OUTCOMES.values()], ids=OUTCOMES)
 def test_the_pipelined_transaction_answers_as_sendmail_does(
-    app_ctx: Flask, smtp_server: SMTPServer, knobs: dict[str, Any], recipients: list[str]
+    app_ctx: Flask,
+    smtp_server: SMTPServer,
+    knobs: dict[str, Any],
+    recipients: list[str],
+    chunking: bool,
 ) -> None:
     """Same return value or exception, and the connection is left in step: the
     next transaction on it goes through (every reply was read before RSET)."""
     handler = smtp_server.handler
     outcomes = []
-    for send in (smtplib.SMTP.sendmail, _sendmail_pipelined):
+    for send in (smtplib.SMTP.sendmail, sendmail_pipelined):
+        handler.chunking = chunking  # sendmail itself never uses BDAT
         for name, value in knobs.items():
             setattr(handler, name, value)
         with smtplib.SMTP("127.0.0.1", smtp_server.port, timeout=5) as host:
@@ -217,9 +227,10 @@ def test_the_pipelined_transaction_answers_as_sendmail_does(
             assert host.has_extn("pipelining")
             msg = message(*recipients).as_bytes()
             outcomes.append(outcome_of(lambda: send(host, SENDER, recipients, msg)))  # noqa: B023
-            if send is _sendmail_pipelined and host.sock is not None:
+            if send is sendmail_pipelined and host.sock is not None:
                 handler.reset()
-                assert _sendmail_pipelined(host, SENDER, [ANN], msg) == {}
+                handler.chunking = chunking  # as this connection's EHLO said
+                assert sendmail_pipelined(host, SENDER, [ANN], msg) == {}
                 assert [m.rcpt_tos for m in handler.wait_for(1)] == [[ANN]]
     assert outcomes[0] == outcomes[1]
 
@@ -292,8 +303,77 @@ def test_a_server_that_takes_data_without_a_recipient_gets_no_body() -> None:
         with smtplib.SMTP("127.0.0.1", server.port, timeout=5) as host:
             host.ehlo()
             with pytest.raises(smtplib.SMTPRecipientsRefused):
-                _sendmail_pipelined(host, SENDER, [ANN], b"Subject: x\r\n\r\nhello\r\n")
+                sendmail_pipelined(host, SENDER, [ANN], b"Subject: x\r\n\r\nhello\r\n")
             assert host.sock is None
     finally:
         server.close()
     assert server.body == b""
+
+
+class ChunkingServer:
+    """Offers PIPELINING and CHUNKING, then reads until it has the whole BDAT chunk
+    before it answers anything: a client that waited for any reply would stall."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received = b""
+        self.thread = threading.Thread(target=self._serve_one)
+        self.thread.start()
+
+    def _serve_one(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn, conn.makefile("rb") as stream:
+            conn.settimeout(10)
+            conn.sendall(b"220 chunking ESMTP\r\n")
+            stream.readline()  # EHLO
+            conn.sendall(b"250-chunking\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+            lines = [stream.readline() for _ in range(4)]  # MAIL, RCPT, RCPT, BDAT
+            size = int(lines[-1].split()[1])
+            self.received = b"".join(lines) + stream.read(size)
+            conn.sendall(b"250 OK\r\n250 OK\r\n250 OK\r\n250 2.0.0 queued\r\n")
+            stream.readline()  # QUIT
+            conn.sendall(b"221 bye\r\n")
+
+    def close(self) -> None:
+        self.thread.join(timeout=15)
+        self.listener.close()
+
+
+def test_with_chunking_the_whole_mail_goes_out_before_any_reply(
+    env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One round trip a mail: envelope and body in one write, the body as it is."""
+    server = ChunkingServer()
+    try:
+        monkeypatch.setenv("MAIL_PORT", str(server.port))
+        app = create_app({"TESTING": True})
+        with app.app_context():
+            refused = get_mailer().send(message(ANN, BOB, body=BODY))
+            get_mailer().close()
+    finally:
+        server.close()
+    assert refused == {}
+    head, body = server.received.split(b"BDAT ", 1)
+    assert head.startswith(b"MAIL FROM:<noreply@example.com>\r\nRCPT TO:<")
+    size, mail = body.split(b" LAST\r\n", 1)
+    assert int(size) == len(mail)
+    # not dot-stuffed: BDAT's length says where the mail ends
+    assert mail.endswith(b"\r\n\r\nfirst\r\n.\r\n..two\r\n.three\r\nlast\r\n")
+
+
+def test_an_idle_connection_the_server_closed_is_not_used_for_a_chunked_mail(
+    app_ctx: Flask, smtp_server: SMTPServer
+) -> None:
+    """With BDAT the body leaves with the envelope, so a hang-up found only after the
+    write could mean a delivered mail; one already visible is found before it."""
+    smtp_server.handler.chunking = True
+    mailer = get_mailer()
+    mailer.send(message(ANN))
+    host = mailer._idle[-1].connection.host
+    assert host is not None and host.has_extn("chunking")
+    smtp_server.handler.drop_connections()
+    assert select.select([host.sock], [], [], 5)[0], "the server did not close the connection"
+    assert mailer.send(message(BOB)) == {}  # on a new connection, at once
+    assert [m.rcpt_tos for m in smtp_server.wait_for(2)] == [[ANN], [BOB]]
+    assert len(smtp_server.handler.connections) == 2

@@ -228,18 +228,22 @@ class Deployment:
 
 # The worker settings the fault scenarios run under (tests/faults/conftest.py): the
 # default, and several mails in flight against a server that delays every reply.
-IN_FLIGHT_MODES: dict[str, tuple[dict[str, str], float]] = {
-    "default": ({}, 0.0),
-    "8-in-flight-20ms": ({"MAIL_CONCURRENCY": "8"}, 0.02),
+# name -> (worker settings, SMTP reply delay in s, server offers CHUNKING: the body
+# leaves with its envelope, so a fault after that write may mean a delivered mail)
+IN_FLIGHT_MODES: dict[str, tuple[dict[str, str], float, bool]] = {
+    "default": ({}, 0.0, False),
+    "8-in-flight-20ms": ({"MAIL_CONCURRENCY": "8"}, 0.02, False),
+    "8-in-flight-20ms-bdat": ({"MAIL_CONCURRENCY": "8"}, 0.02, True),
 }
 
 
 @contextmanager
 def deployment(tmp_path: Path, mode: str = "default", **settings: str) -> Iterator[Deployment]:
     """A scenario's world, its workers in one of IN_FLIGHT_MODES."""
-    mode_settings, reply_delay = IN_FLIGHT_MODES[mode]
+    mode_settings, reply_delay, chunking = IN_FLIGHT_MODES[mode]
     world = Deployment(tmp_path, {**mode_settings, **settings})
     world.smtp.handler.reply_delay = reply_delay
+    world.smtp.handler.chunking = chunking
     try:
         yield world
     finally:

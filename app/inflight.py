@@ -37,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import os
 import queue as stdlib_queue
 import threading
 import time
@@ -103,6 +104,25 @@ class _Slot:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+MALLOC_ARENAS = 2
+
+
+def _share_malloc_arenas() -> None:
+    """glibc gives threads that allocate at once their own malloc arenas, up to 8 per
+    core, each keeping its freed memory: with 64 slots rendering digests, ~10 MB more
+    peak RSS a worker (measured, bench d64: 97-102 MB with 2 arenas, 106-111 without).
+    Two, as MALLOC_ARENA_MAX=2 would make them (Heroku's advice for threaded
+    servers); a MALLOC_ARENA_MAX the user set wins, and other C libraries are left be."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):
+        pass
+
+
 class InFlight(LeanJobs):
     """Mixin for AppWorker (before LeanJobs): see the module docstring."""
 
@@ -111,6 +131,8 @@ class InFlight(LeanJobs):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.concurrency = effective_concurrency(self.app.config)
+        if self.concurrency > 1:
+            _share_malloc_arenas()
         self._slots: dict[str, _Slot] = {}
         self._ended: stdlib_queue.SimpleQueue[_Slot] = stdlib_queue.SimpleQueue()
         self._tasks: stdlib_queue.SimpleQueue[_Slot] = stdlib_queue.SimpleQueue()

@@ -321,3 +321,23 @@ def test_a_tight_rate_limit_lowers_the_mails_in_flight(
     settings: dict[str, Any], expected: int
 ) -> None:
     assert effective_concurrency(settings) == expected
+
+
+def test_slot_threads_share_two_malloc_arenas_unless_the_user_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A narrow unit test: the mallopt call itself has no observable getter."""
+    calls: list[tuple[int, int]] = []
+
+    class Libc:
+        def mallopt(self, parameter: int, value: int) -> int:
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(inflight.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    inflight._share_malloc_arenas()
+    assert calls == [(-8, 2)]  # M_ARENA_MAX in glibc's malloc.h
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    inflight._share_malloc_arenas()
+    assert calls == [(-8, 2)]

@@ -105,6 +105,7 @@ class Mailer:
         self._free = threading.BoundedSemaphore(self.size)  # a permit per connection
         self._lock = threading.Lock()
         self._sweeping = False
+        self._announced = False  # the server's offer logged (_announce)
         self._limiter: RateLimiter | None = None
         self._rate: float | None = app.config.get("MAIL_MAX_PER_SECOND")
 
@@ -134,6 +135,8 @@ class Mailer:
             if not stale:
                 raise classify(err) from err
         else:
+            if not self._announced:
+                self._announce(pooled.host)
             self._put_back(pooled)
             return refused
         # A reused connection the server had dropped (an idle timeout), found before
@@ -149,6 +152,21 @@ class Mailer:
             raise classify(err) from err
         self._put_back(pooled)
         return refused
+
+    def _announce(self, host: smtplib.SMTP) -> None:
+        """Say once a process what the server offers: it sets the round trips a mail."""
+        self._announced = True
+        offered = [name for name in ("pipelining", "chunking") if host.has_extn(name)]
+        trips = {2: "1 round trip", 1: "2 round trips"}.get(len(offered), "3+ round trips")
+        if offered == ["chunking"]:
+            trips = "3+ round trips"  # BDAT is sent in one write only with PIPELINING
+        log.info(
+            "SMTP server %s:%s offers %s: %s a mail on a reused connection",
+            self.app.config["MAIL_SERVER"],
+            self.app.config["MAIL_PORT"],
+            " and ".join(name.upper() for name in offered) or "neither PIPELINING nor CHUNKING",
+            trips,
+        )
 
     def _take(self) -> _Pooled | None:
         """The most recently used idle connection still within MAIL_IDLE_TIMEOUT, or None."""

@@ -377,3 +377,19 @@ def test_an_idle_connection_the_server_closed_is_not_used_for_a_chunked_mail(
     assert mailer.send(message(BOB)) == {}  # on a new connection, at once
     assert [m.rcpt_tos for m in smtp_server.wait_for(2)] == [[ANN], [BOB]]
     assert len(smtp_server.handler.connections) == 2
+
+
+def test_the_first_mail_logs_what_the_server_offers(
+    app_ctx: Flask, smtp_server: SMTPServer, pipelining: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="mailqueue.smtp")
+    mailer = get_mailer()
+    mailer.send(message(ANN))
+    mailer.send(message(BOB))
+    [line] = [r.getMessage() for r in caplog.records if "offers" in r.getMessage()]
+    if smtp_server.handler.chunking:
+        assert "PIPELINING and CHUNKING: 1 round trip a mail" in line
+    elif pipelining:
+        assert "offers PIPELINING: 2 round trips a mail" in line
+    else:
+        assert "neither PIPELINING nor CHUNKING: 3+ round trips a mail" in line

@@ -73,6 +73,14 @@ def emit(
     log.handle(record)
 
 
+def labels(tags: list[str], metadata: dict[str, str]) -> dict[str, str]:
+    """A mail's tags and metadata as event fields: `tags=a,b meta.<key>=<value>`. The
+    caller chose them to follow its mails through the logs; they are not content."""
+    fields = {"tags": ",".join(tags)} if tags else {}
+    fields.update((f"meta.{name}", value) for name, value in metadata.items())
+    return fields
+
+
 def format_fields(fields: dict[str, Any]) -> str:
     """logfmt: bare values where safe, double-quoted (JSON escapes) otherwise."""
     parts = []

@@ -77,6 +77,23 @@ class MailRecord:
     attempts: int = 0
     last_error: str = ""
     refused: dict[str, str] = field(default_factory=dict)
+    # The message's richer shape (issue 15), stored together as one `extras` JSON field
+    # (empty for a plain mail): cc, bcc, reply_to, the attachments' names, types and
+    # sizes (their bytes live under attachments_key), tags, metadata, locale.
+    cc: list[str] = field(default_factory=list)
+    bcc: list[str] = field(default_factory=list)
+    reply_to: list[str] = field(default_factory=list)
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    locale: str = ""
+    # The attachments' bytes, concatenated in order (sizes in `attachments`): written once
+    # beside the record at enqueue, read back by the worker; never in the record hash.
+    attachment_data: bytes = field(default=b"", repr=False, compare=False)
+    # The caller's idempotency key and a digest of its request (app.mail.idempotency).
+    idempotency_key: str = field(default="", repr=False, compare=False)
+    fingerprint: str = field(default="", repr=False, compare=False)
+    replayed: bool = field(default=False, repr=False, compare=False)  # an earlier mail's id
     # `context` as JSON, when prepare() encoded it already to check it: written as-is,
     # so a mail's context is encoded once. Empty for records built elsewhere.
     context_json: str = field(default="", repr=False, compare=False)
@@ -100,7 +117,12 @@ class MailRecord:
             "attempts": str(self.attempts),
             "last_error": self.last_error,
             "refused": json.dumps(self.refused) if self.refused else "{}",
+            "extras": self._extras(),
         }
+
+    def _extras(self) -> str:
+        extras = {name: getattr(self, name) for name in EXTRA_FIELDS if getattr(self, name)}
+        return _compact_json(extras) if extras else ""
 
     @classmethod
     def from_redis(cls, raw: dict[bytes, bytes]) -> MailRecord:
@@ -121,6 +143,7 @@ class MailRecord:
             attempts=int(data.get("attempts") or 0),
             last_error=data.get("last_error", ""),
             refused=json.loads(data.get("refused") or "{}"),
+            **json.loads(data.get("extras") or "{}"),
         )
 
     def public(self) -> dict[str, Any]:
@@ -142,7 +165,13 @@ class MailRecord:
                 view["error" if name == "last_error" else name] = value
         if self.refused:
             view["refused"] = self.refused
+        for name in EXTRA_FIELDS:
+            if getattr(self, name):
+                view[name] = getattr(self, name)
         return view
+
+
+EXTRA_FIELDS = ("cc", "bcc", "reply_to", "attachments", "tags", "metadata", "locale")
 
 
 def create(pipe: Pipeline, record: MailRecord) -> None:
@@ -191,7 +220,7 @@ def scan_ids(redis: Redis, batch: int = 500) -> Iterator[list[str]]:
     while True:
         reply: Any = redis.scan(cursor, match=KEY_PREFIX + "*", count=batch)
         cursor, keys = reply
-        ids = [k.decode()[len(KEY_PREFIX) :] for k in keys if not k.endswith(b":lease")]
+        ids = [k.decode()[len(KEY_PREFIX) :] for k in keys if b":" not in k[len(KEY_PREFIX) :]]
         if ids:
             yield ids
         if cursor == 0:
@@ -200,7 +229,7 @@ def scan_ids(redis: Redis, batch: int = 500) -> Iterator[list[str]]:
 
 def delete(pipe: Pipeline, mail_id: str) -> None:
     """Queue the removal of a record, its lease and its failed-index entry on `pipe`."""
-    pipe.delete(key(mail_id), lease_key(mail_id))
+    pipe.delete(key(mail_id), lease_key(mail_id), attachments_key(mail_id))
     pipe.zrem(FAILED_INDEX, mail_id)
 
 
@@ -267,6 +296,11 @@ def lease_key(mail_id: str) -> str:
     return key(mail_id) + ":lease"
 
 
+def attachments_key(mail_id: str) -> str:
+    """The string holding a mail's attachment bytes, deleted once it is sent or failed."""
+    return key(mail_id) + ":attachments"
+
+
 def update(redis: Redis | Pipeline, mail_id: str, **fields: Any) -> None:
     """Set some fields of a live record and release its lease (never re-creates a purged one)."""
     mapping = {name: _encode(value) for name, value in fields.items()}
@@ -287,7 +321,7 @@ def finish(
     With `metric_template`, the outcome is counted for /metrics in the same step.
     One script, so one command (a MULTI/EXEC of five was ~7% of a worker's CPU).
     """
-    redis.eval(_FINISH, 4, *_finish_args(mail_id, status, ttl, metric_template, fields))
+    redis.eval(_FINISH, 5, *_finish_args(mail_id, status, ttl, metric_template, fields))
 
 
 def queue_finish(
@@ -300,7 +334,7 @@ def queue_finish(
     **fields: Any,
 ) -> None:
     """`finish` on the caller's pipeline, so it can share a MULTI/EXEC with other writes."""
-    pipe.eval(_FINISH, 4, *_finish_args(mail_id, status, ttl, metric_template, fields))
+    pipe.eval(_FINISH, 5, *_finish_args(mail_id, status, ttl, metric_template, fields))
 
 
 def _finish_args(
@@ -318,6 +352,7 @@ def _finish_args(
         lease_key(mail_id),
         FAILED_INDEX,
         STATS_KEY,
+        attachments_key(mail_id),
         mail_id,
         str(ttl),
         failed_at,
@@ -335,11 +370,12 @@ def settle(
     `failed` is left alone: None; else the record's (template, attempts), for its event."""
     changed: Any = redis.eval(
         _SETTLE_IF_LIVE,
-        4,
+        5,
         key(mail_id),
         lease_key(mail_id),
         FAILED_INDEX,
         STATS_KEY,
+        attachments_key(mail_id),
         new_status,
         reason,
         now_iso(),
@@ -401,11 +437,12 @@ redis.call('HSET', KEYS[1], 'status', 'sending', 'updated_at', ARGV[2])
 return {'go', redis.call('HGETALL', KEYS[1])}
 """
 
-# KEYS: record, lease, failed index, stats. ARGV: mail id, retention TTL, failed-at timestamp
-# ('' unless failed: then in the failed index, else out of it), stats counter to increment
-# ('' for none), then the field/value pairs. Never re-creates a purged record.
+# KEYS: record, lease, failed index, stats, attachment bytes. ARGV: mail id, retention TTL,
+# failed-at timestamp ('' unless failed: then in the failed index, else out of it), stats
+# counter to increment ('' for none), then the field/value pairs. Never re-creates a purged
+# record. The attachment bytes go: the mail is sent or has failed for good.
 _FINISH = """
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[5])
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], unpack(ARGV, 5))
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
@@ -419,7 +456,8 @@ if ARGV[4] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[4], 1) end
 return 1
 """
 
-# KEYS: record, lease, failed index, stats. ARGV: status, reason, now, ttl, now as a timestamp.
+# KEYS: record, lease, failed index, stats, attachment bytes. ARGV: status, reason, now, ttl,
+# now as a timestamp.
 # Final states are never overwritten: `sent` is the de-duplication mark.
 _SETTLE_IF_LIVE = """
 local current = redis.call('HGET', KEYS[1], 'status')
@@ -430,6 +468,7 @@ local template = redis.call('HGET', KEYS[1], 'template') or ''
 if ARGV[1] == 'failed' then
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
   redis.call('ZADD', KEYS[3], ARGV[5], redis.call('HGET', KEYS[1], 'id'))
+  redis.call('DEL', KEYS[5])
   redis.call('HINCRBY', KEYS[4], 'failed:' .. template, 1)
 else
   redis.call('HINCRBY', KEYS[4], 'retried:' .. template, 1)

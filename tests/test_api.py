@@ -199,7 +199,7 @@ def test_non_json_content_type_is_415(client: FlaskClient, auth: dict[str, str])
 
 
 def test_oversize_body_is_413_json(client: FlaskClient, auth: dict[str, str]) -> None:
-    body = dict(GOOD, context={"a": "x" * (2 * 1024 * 1024)})
+    body = dict(GOOD, context={"a": "x" * (16 * 1024 * 1024)})
     response = client.post("/api/mail", json=body, headers=auth)
     assert response.status_code == 413
     assert response.is_json

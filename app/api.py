@@ -22,8 +22,14 @@ from werkzeug.routing import BaseConverter
 
 from app import digests, status
 from app.digests.periods import _zone_names as zone_names
-from app.errors import InvalidMailError, QueueUnavailableError, SubscriberNotFoundError
+from app.errors import (
+    IdempotencyConflictError,
+    InvalidMailError,
+    QueueUnavailableError,
+    SubscriberNotFoundError,
+)
 from app.mail import enqueue, prepare
+from app.mail.shape import locales
 from app.queues import QUEUE_NAMES, SIZE_NAMES, get_queue, get_redis, queue_sizes
 
 log = logging.getLogger("mailqueue.api")
@@ -157,7 +163,9 @@ def parse_datetime(name: str, value: str) -> datetime:
         ) from None
 
 
-MAIL_FIELDS = {"to", "subject", "template", "context", "send_at", "delay"}
+MAIL_FIELDS = {"to", "subject", "template", "context", "send_at", "delay", "headers"}
+# Passed to prepare() as they come: it checks each (app.mail.shape, app.mail.attachments).
+SHAPE_FIELDS = {"cc", "bcc", "reply_to", "attachments", "tags", "metadata", "locale"}
 SUBSCRIBER_FIELDS = {"timezone", "frequency", "hour", "weekday"}
 ITEM_FIELDS = {"title", "url", "body", "kind"}
 
@@ -171,7 +179,7 @@ def refuse_unknown(data: dict[str, Any], allowed: set[str]) -> None:
 @bp.post("/mail")
 def post_mail() -> tuple[Response, int]:
     data = json_body()
-    refuse_unknown(data, MAIL_FIELDS)
+    refuse_unknown(data, MAIL_FIELDS | SHAPE_FIELDS)
     to = field(data, "to", (str, list))
     subject = field(data, "subject", str)
     template = field(data, "template", str)
@@ -179,8 +187,27 @@ def post_mail() -> tuple[Response, int]:
     send_at_raw = field(data, "send_at", str, required=False)
     delay = field(data, "delay", (int, float), required=False)
     send_at = parse_datetime("send_at", send_at_raw) if send_at_raw is not None else None
-    record = prepare(to, subject, template, context, send_at=send_at, delay=delay)
+    shape = {name: data[name] for name in SHAPE_FIELDS if data.get(name) is not None}
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        shape["idempotency_key"] = key
+    record = prepare(
+        to,
+        subject,
+        template,
+        context,
+        send_at=send_at,
+        delay=delay,
+        headers=field(data, "headers", dict, required=False),
+        **shape,
+    )
     enqueue([record])
+    if record.replayed:
+        # The mail of this key's first request, as it is now (or as it was queued).
+        original = status.load(get_redis(), record.id)
+        response = jsonify({"id": record.id, "status": original.status if original else "queued"})
+        response.headers["Idempotent-Replayed"] = "true"
+        return response, 202
     return jsonify({"id": record.id, "status": record.status}), 202
 
 
@@ -247,7 +274,9 @@ def openapi() -> Response:
     doc = json.loads(OPENAPI_PATH.read_bytes())
     timezone = doc["components"]["schemas"]["Subscriber"]["properties"]["timezone"]
     timezone["enum"] = sorted(zone_names())
-    doc["components"]["schemas"]["NewMail"]["properties"]["template"]["enum"] = mail_templates()
+    new_mail = doc["components"]["schemas"]["NewMail"]["properties"]
+    new_mail["template"]["enum"] = mail_templates()
+    new_mail["locale"]["enum"] = [*sorted(locales()), None]
     return jsonify(doc)
 
 
@@ -286,6 +315,10 @@ def _api_error(err: ApiError) -> Response:
 
 
 def _invalid_mail(err: InvalidMailError) -> Response:
+    if err.field == "idempotency_key":  # it came as the Idempotency-Key header
+        reason = str(err).removeprefix(f"{err.field}: ")
+        code = 409 if isinstance(err, IdempotencyConflictError) else 400
+        return error_response(code, f"Idempotency-Key: {reason}", "Idempotency-Key")
     return error_response(400, str(err), err.field)
 
 

@@ -199,7 +199,8 @@ def email_templates() -> list[str]:
         if not path.startswith("email/"):
             continue
         name = path[len("email/") :].rsplit(".", 1)[0]
-        if not any(part.startswith("_") for part in name.split("/")):
+        # `<name>.<locale>` is a language of <name> (app.mail.render_email), not a template.
+        if "." not in name and not any(part.startswith("_") for part in name.split("/")):
             names.add(name)
     return sorted(names)
 

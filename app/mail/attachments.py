@@ -85,7 +85,7 @@ def _one(where: str, item: Any, room: int) -> tuple[dict[str, Any], bytes]:
     content_type = fields.get("content_type")
     if content_type is None:
         content_type = mimetypes.guess_type(filename, strict=False)[0] or "application/octet-stream"
-    elif not isinstance(content_type, str) or not CONTENT_TYPE.match(content_type):
+    elif not isinstance(content_type, str) or not CONTENT_TYPE.fullmatch(content_type):
         raise InvalidAttachmentError(
             f"{where}.content_type", f"{content_type!r} is not a MIME type"
         )
@@ -95,7 +95,7 @@ def _one(where: str, item: Any, room: int) -> tuple[dict[str, Any], bytes]:
     entry: dict[str, Any] = {"filename": filename, "content_type": content_type, "size": len(data)}
     content_id = fields.get("content_id")
     if content_id is not None:
-        if not isinstance(content_id, str) or not CONTENT_ID.match(content_id):
+        if not isinstance(content_id, str) or not CONTENT_ID.fullmatch(content_id):
             raise InvalidAttachmentError(
                 f"{where}.content_id", "expected 1-200 characters of an address, no <>"
             )

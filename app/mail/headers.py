@@ -12,6 +12,7 @@ from app.errors import (
     HeaderInjectionError,
 )
 
+MAX_EXTRA_HEADERS = 50
 HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
 RESERVED_HEADERS = frozenset(
     {"from", "to", "cc", "bcc", "subject", "message-id", "date", "sender", "mime-version"}
@@ -36,7 +37,7 @@ def check_header(field: str, value: str) -> None:
 def check_header_name(name: Any) -> None:
     """An extra header's name: printable ASCII without ':' (RFC 5322), and not one of
     the headers the message is built from."""
-    if not isinstance(name, str) or not HEADER_NAME.match(name):
+    if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
         raise HeaderInjectionError("headers", f"{name!r} is not a header name")
     if name.lower() in RESERVED_HEADERS or name.lower().startswith("content-"):
         raise HeaderInjectionError(f"headers.{name}", f"{name} is set by mailqueue, not by callers")
@@ -48,6 +49,8 @@ def check_headers(headers: Any) -> dict[str, str]:
         return {}
     if not isinstance(headers, Mapping):
         raise HeaderInjectionError("headers", "expected an object of header names to values")
+    if len(headers) > MAX_EXTRA_HEADERS:
+        raise HeaderInjectionError("headers", f"at most {MAX_EXTRA_HEADERS}")
     for name, value in headers.items():
         check_header_name(name)
         check_header(f"headers.{name}", value)

@@ -10,20 +10,20 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from babel import Locale, UnknownLocaleError
+from babel.localedata import locale_identifiers
 
 from app.errors import InvalidLocaleError, InvalidMailError
 from app.mail.addresses import validate_address, validate_recipients
 
-TAG = re.compile(r"^[a-z0-9_-]{1,64}$")
+TAG = re.compile(r"[a-z0-9_-]{1,64}")
 MAX_TAGS = 20
 MAX_METADATA_KEYS = 20
 MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
 MAX_REPLY_TO = 10
 MAX_IDEMPOTENCY_KEY = 256
-_LOCALE = re.compile(r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8}){0,3}$")
-_METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_METADATA_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def validate_copies(to: list[str], cc: Any, bcc: Any, limit: int) -> tuple[list[str], list[str]]:
@@ -58,7 +58,7 @@ def validate_tags(value: Any) -> list[str]:
     if len(value) > MAX_TAGS:
         raise InvalidMailError("tags", f"at most {MAX_TAGS} tags")
     for index, tag in enumerate(value):
-        if not isinstance(tag, str) or not TAG.match(tag):
+        if not isinstance(tag, str) or not TAG.fullmatch(tag):
             raise InvalidMailError(f"tags[{index}]", "expected 1-64 of a-z, 0-9, _ and -")
     return list(dict.fromkeys(value))
 
@@ -72,32 +72,30 @@ def validate_metadata(value: Any) -> dict[str, str]:
     if len(value) > MAX_METADATA_KEYS:
         raise InvalidMailError("metadata", f"at most {MAX_METADATA_KEYS} keys")
     for name, item in value.items():
-        if not isinstance(name, str) or not _METADATA_KEY.match(name):
+        if not isinstance(name, str) or not _METADATA_KEY.fullmatch(name):
             raise InvalidMailError("metadata", f"{name!r}: keys are 1-64 of A-Z a-z 0-9 _ . -")
         if not isinstance(item, str):
             raise InvalidMailError(f"metadata.{name}", "must be a string")
-        if len(item) > MAX_METADATA_VALUE or not item.isprintable():
+        if len(item) > MAX_METADATA_VALUE or _CONTROL.search(item):
             raise InvalidMailError(
-                f"metadata.{name}", f"at most {MAX_METADATA_VALUE} printable characters"
+                f"metadata.{name}", f"at most {MAX_METADATA_VALUE} characters, no control ones"
             )
     return dict(value)
 
 
 def validate_locale(value: Any, field: str = "locale") -> str:
-    """A locale Babel knows (`de`, `pt_BR`, `pt-BR`), as Babel spells it; "" for none."""
+    """A locale as Babel names it (`de`, `de_AT`, `pt_BR`); "" for none."""
     if value is None or value == "":
         return ""
-    if not isinstance(value, str) or not _LOCALE.match(value):
-        raise InvalidLocaleError(field, f"{value!r} is not a locale (e.g. de, pt_BR)")
-    return _known_locale(field, value.replace("-", "_"))
+    if not isinstance(value, str) or value not in locales():
+        raise InvalidLocaleError(field, f"{value!r} is not a known locale (e.g. de, pt_BR)")
+    return value
 
 
-@functools.lru_cache(maxsize=256)
-def _known_locale(field: str, value: str) -> str:
-    try:
-        return str(Locale.parse(value))
-    except (UnknownLocaleError, ValueError):
-        raise InvalidLocaleError(field, f"{value!r} is not a known locale") from None
+@functools.cache
+def locales() -> frozenset[str]:
+    """Every locale Babel has data for."""
+    return frozenset(locale_identifiers())
 
 
 def validate_idempotency_key(value: Any) -> str:

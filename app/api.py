@@ -277,6 +277,11 @@ def openapi() -> Response:
     new_mail = doc["components"]["schemas"]["NewMail"]["properties"]
     new_mail["template"]["enum"] = mail_templates()
     new_mail["locale"]["enum"] = [*sorted(locales()), None]
+    # "At most a year ahead", as a schema can say it: a year up to this one (1000 on).
+    year = datetime.now().year
+    decade = f"{str(year)[:3]}[0-{year % 10}]"
+    earlier = f"1\\d{{3}}|{str(year)[:2]}[0-{int(str(year)[2]) - 1}]\\d" if year % 100 >= 10 else ""
+    new_mail["send_at"]["pattern"] = f"^(?:{earlier}|{decade})-"
     return jsonify(doc)
 
 

@@ -126,7 +126,7 @@ BAD_INPUT: list[tuple[str, Any, int, str | None, str]] = [
      "required"),
     ("missing template", {k: v for k, v in GOOD.items() if k != "template"}, 400, "template",
      "required"),
-    ("unknown field", dict(GOOD, bcc="eve@example.com"), 400, "bcc", "unknown field"),
+    ("unknown field", dict(GOOD, importance="high"), 400, "importance", "unknown field"),
     ("to a number", dict(GOOD, to=5), 400, "to", "a string or an array"),
     ("to an object", dict(GOOD, to={"a": 1}), 400, "to", "a string or an array"),
     ("to list of numbers", dict(GOOD, to=[1]), 400, "to", "email address"),

@@ -166,7 +166,7 @@ def parse_datetime(name: str, value: str) -> datetime:
 MAIL_FIELDS = {"to", "subject", "template", "context", "send_at", "delay", "headers"}
 # Passed to prepare() as they come: it checks each (app.mail.shape, app.mail.attachments).
 SHAPE_FIELDS = {"cc", "bcc", "reply_to", "attachments", "tags", "metadata", "locale"}
-SUBSCRIBER_FIELDS = {"timezone", "frequency", "hour", "weekday"}
+SUBSCRIBER_FIELDS = {"timezone", "frequency", "hour", "weekday", "locale"}
 ITEM_FIELDS = {"title", "url", "body", "kind"}
 
 
@@ -230,12 +230,14 @@ def put_subscriber(email: str) -> tuple[Response, int]:
     frequency = field(data, "frequency", str)
     hour = field(data, "hour", int, required=False)
     weekday = field(data, "weekday", str, required=False)
+    locale = field(data, "locale", str, required=False)
     created = digests.upsert_subscriber(
         email,
         timezone,
         frequency,
         digests.DEFAULT_HOUR if hour is None else hour,
         weekday or digests.DEFAULT_WEEKDAY,
+        locale=locale or "",
     )
     return jsonify(digests.describe_subscriber(email)), 201 if created else 200
 
@@ -277,6 +279,8 @@ def openapi() -> Response:
     new_mail = doc["components"]["schemas"]["NewMail"]["properties"]
     new_mail["template"]["enum"] = mail_templates()
     new_mail["locale"]["enum"] = [*sorted(locales()), None]
+    subscriber = doc["components"]["schemas"]["Subscriber"]["properties"]
+    subscriber["locale"]["enum"] = [*sorted(locales()), None]
     # "At most a year ahead", as a schema can say it: a year up to this one (1000 on).
     year = datetime.now().year
     decade = f"{str(year)[:3]}[0-{year % 10}]"

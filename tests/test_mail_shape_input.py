@@ -226,3 +226,62 @@ def test_racing_requests_with_one_key_make_one_mail(app: Flask, redis_client: Re
     assert len(ids) == 8 and len(set(ids)) == 1
     assert list(redis_client.scan_iter("mq:mail:*")) == [status.key(ids[0]).encode()]
     assert redis_client.llen("rq:queue:mail") == 1
+
+
+def test_racing_api_requests_with_one_key_make_one_mail_and_replay_the_rest(
+    app: Flask, auth: dict[str, str], redis_client: Redis
+) -> None:
+    """Requests of one body under one key, sent at once (a client's retries racing its
+    first try): one 202 that queued the mail, the rest replays of its id."""
+    headers = {**auth, "Idempotency-Key": "checkout-7"}
+    answers: list[tuple[int, str, str | None]] = []
+    barrier = threading.Barrier(6)
+
+    def post() -> None:
+        client = app.test_client()
+        barrier.wait()
+        response = client.post("/api/mail", json=BASE, headers=headers)
+        answers.append(
+            (
+                response.status_code,
+                response.get_json()["id"],
+                response.headers.get("Idempotent-Replayed"),
+            )
+        )
+
+    threads = [threading.Thread(target=post) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(answers) == 6
+    assert {code for code, _, _ in answers} == {202}
+    assert len({mail_id for _, mail_id, _ in answers}) == 1
+    assert sorted(str(replayed) for _, _, replayed in answers) == ["None"] + ["true"] * 5
+    assert len(list(redis_client.scan_iter("mq:mail:*"))) == 1
+    assert redis_client.llen("rq:queue:mail") == 1
+
+
+def test_racing_api_requests_with_one_key_and_two_bodies_one_wins_one_409(
+    app: Flask, auth: dict[str, str], redis_client: Redis
+) -> None:
+    headers = {**auth, "Idempotency-Key": "checkout-8"}
+    codes: dict[str, int] = {}
+    barrier = threading.Barrier(2)
+
+    def post(subject: str) -> None:
+        client = app.test_client()
+        barrier.wait()
+        response = client.post("/api/mail", json={**BASE, "subject": subject}, headers=headers)
+        codes[subject] = response.status_code
+        if response.status_code == 409:
+            assert response.get_json()["field"] == "Idempotency-Key"
+
+    threads = [threading.Thread(target=post, args=(subject,)) for subject in ("A", "B")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(codes.values()) == [202, 409]
+    assert len(list(redis_client.scan_iter("mq:mail:*"))) == 1  # the loser wrote nothing
+    assert redis_client.llen("rq:queue:mail") == 1

@@ -167,3 +167,44 @@ def test_failed_mail_drops_its_attachment_bytes(
     record = status.load(redis_client, job.id)
     assert record is not None and record.status == status.FAILED
     assert redis_client.exists(status.attachments_key(job.id)) == 0
+
+
+def test_mails_of_every_shape_in_flight_at_once_each_get_their_own(
+    app_ctx: Flask,
+    smtp_server: SMTPServer,
+    work: Any,
+    redis_client: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slot threads (app/inflight.py) render and build mails side by side: each keeps its
+    own locale (Flask-Babel's state is per app context), attachments and copies."""
+    monkeypatch.setenv("MAIL_CONCURRENCY", "4")
+    smtp_server.handler.reply_delay = 0.03  # slow enough for the worker to use its slots
+    sent: dict[str, tuple[str, bytes]] = {}
+    for i in range(24):
+        locale = "de" if i % 2 else ""
+        data = f"file of mail {i}".encode() * (i + 1)
+        job = send_email(
+            f"user{i}@example.com",
+            f"Mail {i}",
+            "test",
+            address=f"User {i}",
+            cc=f"copy{i}@example.com",
+            attachments=[Attachment(f"f{i}.txt", data)],
+            locale=locale or None,
+        )
+        sent[f"user{i}@example.com"] = (locale, data)
+    work()
+    received = smtp_server.wait_for(24, timeout=30)
+    for mail in received:
+        to = next(a for a in mail.rcpt_tos if a.startswith("user"))
+        i = to.removeprefix("user").partition("@")[0]
+        locale, data = sent[to]
+        assert sorted(mail.rcpt_tos) == sorted([to, f"copy{i}@example.com"])
+        greeting = "Hallo" if locale else "Hello"
+        assert f"{greeting} User {i}" in mail.part("text/plain")
+        [attached] = list(mail.message.iter_attachments())
+        assert attached.get_filename() == f"f{i}.txt"
+        assert attached.get_payload(decode=True) == data
+    assert not list(redis_client.scan_iter("mq:mail:*:attachments"))
+    assert len(smtp_server.handler.connections) > 1, "the mails went out one at a time"

@@ -184,7 +184,7 @@ def test_mails_of_every_shape_in_flight_at_once_each_get_their_own(
     for i in range(24):
         locale = "de" if i % 2 else ""
         data = f"file of mail {i}".encode() * (i + 1)
-        job = send_email(
+        send_email(
             f"user{i}@example.com",
             f"Mail {i}",
             "test",

@@ -208,3 +208,19 @@ def test_mails_of_every_shape_in_flight_at_once_each_get_their_own(
         assert attached.get_payload(decode=True) == data
     assert not list(redis_client.scan_iter("mq:mail:*:attachments"))
     assert len(smtp_server.handler.connections) > 1, "the mails went out one at a time"
+
+
+def test_a_bcc_alone_keeps_the_plain_fast_path_and_stays_out_of_the_headers(
+    app_ctx: Flask, smtp_server: SMTPServer, work: Any
+) -> None:
+    from app.mail import build_message, prepare
+
+    record = prepare("ann@example.com", "Hi", "test", {"address": "Ann"}, bcc="audit@example.com")
+    message = build_message(record)
+    assert not (message.cc or message.attachments or message.reply_to_list)  # _compose path
+    assert b"audit@example.com" not in message.as_bytes()
+    send_email("ann@example.com", "Hi", "test", address="Ann", bcc="audit@example.com")
+    work()
+    [received] = smtp_server.wait_for(1)
+    assert sorted(received.rcpt_tos) == ["ann@example.com", "audit@example.com"]
+    assert b"audit@example.com" not in received.raw

@@ -224,3 +224,34 @@ def test_a_bcc_alone_keeps_the_plain_fast_path_and_stays_out_of_the_headers(
     [received] = smtp_server.wait_for(1)
     assert sorted(received.rcpt_tos) == ["ann@example.com", "audit@example.com"]
     assert b"audit@example.com" not in received.raw
+
+
+@pytest.mark.parametrize("size", [0, 1, 56, 57, 58, 76, 1000, 200_000])
+def test_attachment_bodies_filled_in_after_flattening_are_the_stdlib_bytes(
+    app_ctx: Flask, size: int
+) -> None:
+    """MailMessage.as_bytes writes attachment bodies as tokens and fills in their base64
+    after (app/mail/parts.py): the bytes are Flask-Mail's own, boundaries and Date aside."""
+    import re
+
+    from flask_mail import Message
+
+    from app.mail import build_message, prepare
+
+    data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    record = prepare(
+        "ann@example.com",
+        "Hi",
+        "test",
+        {"address": "Ann"},
+        attachments=[
+            Attachment("a.pdf", data),
+            Attachment("logo.png", PNG, inline=True, content_id="logo@example.com"),
+        ],
+    )
+    message = build_message(record)
+
+    def normal(raw: bytes) -> bytes:
+        return re.sub(rb"Date: [^\r]+|={15}\d+==", b"-", raw)
+
+    assert normal(message.as_bytes()) == normal(Message.as_bytes(message))

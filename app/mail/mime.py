@@ -79,11 +79,18 @@ class MailMessage(Message):
     def __init__(self, *args: Any, reply_to_list: list[str] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.reply_to_list = reply_to_list or []  # Reply-To, one address or several
+        # Set while as_bytes flattens: attachment bodies as tokens (parts.fill_placeholders).
+        self._placeholders: dict[bytes, bytes] | None = None
 
     def as_bytes(self) -> bytes:
+        if self.attachments:
+            self._placeholders = {}
+            try:
+                return parts.fill_placeholders(super().as_bytes(), self._placeholders)
+            finally:
+                self._placeholders = None
         if (
-            self.attachments
-            or self.cc
+            self.cc
             or self.reply_to
             or self.reply_to_list
             or set(self.alts) - {"html"}
@@ -100,7 +107,7 @@ class MailMessage(Message):
             self.attachments = attached
         payload = message.get_payload()
         if attached:
-            inner: Any = parts.body_tree(self.body or "", self.html, attached)
+            inner: Any = parts.body_tree(self.body or "", self.html, attached, self._placeholders)
         elif (
             message.get_content_type() == "multipart/mixed"
             and len(payload) == 1

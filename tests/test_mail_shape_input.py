@@ -181,6 +181,7 @@ def test_the_same_key_and_body_replays_and_another_body_is_409(
     other = client.post("/api/mail", json={**BASE, "subject": "Other"}, headers=headers)
     assert other.status_code == 409
     assert other.get_json()["field"] == "Idempotency-Key"
+    assert redis_client.dbsize() == keys  # the conflict wrote nothing
     bad = client.post("/api/mail", json=BASE, headers={**auth, "Idempotency-Key": "é"})
     assert bad.status_code == 400
     assert bad.get_json()["field"] == "Idempotency-Key"

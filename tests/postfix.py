@@ -91,7 +91,9 @@ class PostfixRelay:
         self._postconf("-F", "*/*/chroot = n")  # no chroot: the temp folder is the jail
 
     def _postconf(self, *args: str) -> None:
-        subprocess.run(["postconf", "-c", str(self.config), *args], check=True, timeout=30)
+        assert POSTFIX is not None
+        postconf = str(Path(POSTFIX).with_name("postconf"))  # beside postfix, /usr/sbin
+        subprocess.run([postconf, "-c", str(self.config), *args], check=True, timeout=30)
 
     def start(self) -> PostfixRelay:
         assert POSTFIX is not None

@@ -126,6 +126,16 @@ class MailRecord:
         }
 
     def _extras(self) -> str:
+        if not (
+            self.cc
+            or self.bcc
+            or self.reply_to
+            or self.attachments
+            or self.tags
+            or self.metadata
+            or self.locale
+        ):
+            return ""  # a plain mail: no dict built (the bulk enqueue writes thousands)
         extras = {name: getattr(self, name) for name in EXTRA_FIELDS if getattr(self, name)}
         return _compact_json(extras) if extras else ""
 

@@ -73,7 +73,11 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:
             kind=record.kind,
             recipients=len(record.to) + len(record.cc) + len(record.bcc),
             send_at=record.send_at,
-            **events.labels(record.tags, record.metadata),
+            **(
+                events.labels(record.tags, record.metadata)
+                if record.tags or record.metadata
+                else {}
+            ),
         )
     if first is None or records[0].replayed:
         return Job(records[0].id, connection=get_redis(), serializer=queue.serializer)
@@ -91,7 +95,8 @@ def _queue_writes(
     first: Job | None = None
     ready: list[str] = []  # ids to push on the queue, in order
     for record in records:
-        attachments.queue_write(pipe, record)
+        if record.attachments:
+            attachments.queue_write(pipe, record)
         if bulk and not record.send_at:
             ready.append(record.id)
             continue

@@ -111,7 +111,11 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
                     delay=message.get("delay"),
                     headers=message.get("headers"),
                     checks=checks,
-                    **{name: message[name] for name in SHAPE_FIELDS.intersection(message)},
+                    **(
+                        {}
+                        if _PLAIN_KEYS.issuperset(message)  # most bulk mail: skip the lookups
+                        else {name: message[name] for name in SHAPE_FIELDS.intersection(message)}
+                    ),
                 )
             )
         except InvalidMailError as err:
@@ -122,10 +126,8 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
     return [record.id for record in records]
 
 
-_MESSAGE_KEYS = (
-    frozenset({"to", "subject", "template", "context", "send_at", "delay", "headers"})
-    | SHAPE_FIELDS
-)
+_PLAIN_KEYS = frozenset({"to", "subject", "template", "context", "send_at", "delay", "headers"})
+_MESSAGE_KEYS = _PLAIN_KEYS | SHAPE_FIELDS
 
 
 def requeue_failed(mail_id: str) -> status.MailRecord:

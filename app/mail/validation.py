@@ -60,8 +60,8 @@ def prepare(
     locale, idempotency_key)."""
     checks = checks or _Checks()
     recipients = validate_recipients(to, checks.max_recipients)
-    unknown = set(shape) - SHAPE_FIELDS
-    if unknown:
+    if shape and not SHAPE_FIELDS.issuperset(shape):  # (a plain mail: no set built)
+        unknown = set(shape) - SHAPE_FIELDS
         raise InvalidMailError(sorted(unknown)[0], "is not an argument of send_email")
     if not isinstance(subject, str) or not subject.strip():
         raise InvalidMailError("subject", "must be a non-empty string")

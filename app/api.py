@@ -10,7 +10,7 @@ import hmac
 import json
 import logging
 import re
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -281,12 +281,35 @@ def openapi() -> Response:
     new_mail["locale"]["enum"] = [*sorted(locales()), None]
     subscriber = doc["components"]["schemas"]["Subscriber"]["properties"]
     subscriber["locale"]["enum"] = [*sorted(locales()), None]
-    # "At most a year ahead", as a schema can say it: a year up to this one (1000 on).
-    year = datetime.now().year
-    decade = f"{str(year)[:3]}[0-{year % 10}]"
-    earlier = f"1\\d{{3}}|{str(year)[:2]}[0-{int(str(year)[2]) - 1}]\\d" if year % 100 >= 10 else ""
-    new_mail["send_at"]["pattern"] = f"^(?:{earlier}|{decade})-"
+    new_mail["send_at"]["pattern"] = send_at_pattern(datetime.now(UTC).date())
     return jsonify(doc)
+
+
+def send_at_pattern(today: date) -> str:
+    """ "At most a year ahead" as a schema can say it: a date from year 1000 to 365 days
+    after `today` (a day inside the API's 366, for the offsets), as a regex on the
+    `YYYY-MM-DD` start. December's clients may ask for January."""
+    last = today + timedelta(days=365)
+    year, month, day = f"{last.year:04d}", f"{last.month:02d}", f"{last.day:02d}"
+    # Earlier years, 1000 on: _below's first alternative (a lower first digit) from 1.
+    years = [a for a in _below(year) if a[0] == year[0]]
+    if year[0] > "1":
+        years.insert(0, f"[1-{int(year[0]) - 1}]\\d\\d\\d")
+    options = [f"(?:{'|'.join(years)})-"] if years else []
+    if _below(month):
+        options.append(f"{year}-(?:{'|'.join(_below(month))})-")
+    options.append(f"{year}-{month}-(?:{'|'.join([*_below(day), day])})")
+    return f"^(?:{'|'.join(options)})"
+
+
+def _below(limit: str) -> list[str]:
+    """Regex alternatives for the digit strings as long as `limit` and less than it."""
+    out = []
+    for i, digit in enumerate(limit):
+        if digit != "0":
+            top = int(digit) - 1
+            out.append(limit[:i] + (f"[0-{top}]" if top else "0") + "\\d" * (len(limit) - i - 1))
+    return out
 
 
 def mail_templates() -> list[str]:

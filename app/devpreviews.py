@@ -21,6 +21,7 @@ from typing import Any
 from flask import current_app
 from jinja2 import TemplateNotFound
 
+from app import status
 from app.errors import InvalidMailError
 from app.mail import build_message, prepare
 from app.mail.attachments import split
@@ -45,12 +46,20 @@ class Sample:
     usable: bool = True  # false: the file exists but is broken, nothing is rendered
     shape: dict[str, Any] = field(default_factory=dict)  # cc, attachments...: as given
 
-    def arguments(self, locale: str | None = None) -> dict[str, Any]:
-        """The shape fields as `prepare` takes them (`locale` overrides the sample's)."""
-        shape = {k: v for k, v in self.shape.items() if v is not None}
+    def record(self, template: str, locale: str | None = None) -> status.MailRecord:
+        """The (unsaved) record send_email would make of this sample, or its refusal
+        (InvalidMailError); `locale` overrides the sample's ("" for none)."""
+        shape = dict(self.shape)
         if locale is not None:
             shape["locale"] = locale or None
-        return {k: v for k, v in shape.items() if v is not None}
+        return prepare(
+            self.to,
+            self.subject,
+            template,
+            self.context,
+            headers=self.headers,
+            **{k: v for k, v in shape.items() if v is not None},
+        )
 
 
 @dataclass
@@ -175,14 +184,7 @@ def build_preview(name: str, locale: str | None = None) -> Preview:
         return preview
     sample = preview.sample
     try:
-        record = prepare(
-            sample.to,
-            sample.subject,
-            name,
-            sample.context,
-            headers=sample.headers,
-            **sample.arguments(locale),
-        )
+        record = sample.record(name, locale)
         message = build_message(record)
         raw = message.as_bytes()
     except InvalidMailError as err:

@@ -29,9 +29,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     from flask_mail import Mail
 
-    from app import api, cli, dev, events, metrics, queues, smtp, unsubscribe
+    from app import api, cli, dev, events, i18n, metrics, queues, smtp, unsubscribe
 
     Mail(app)
+    i18n.init_app(app)
     events.init_app(app)
     queues.init_app(app)
     smtp.init_app(app)

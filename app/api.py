@@ -10,7 +10,7 @@ import hmac
 import json
 import logging
 import re
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,14 @@ from werkzeug.routing import BaseConverter
 
 from app import digests, status
 from app.digests.periods import _zone_names as zone_names
-from app.errors import InvalidMailError, QueueUnavailableError, SubscriberNotFoundError
+from app.errors import (
+    IdempotencyConflictError,
+    InvalidMailError,
+    QueueUnavailableError,
+    SubscriberNotFoundError,
+)
 from app.mail import enqueue, prepare
+from app.mail.shape import locales
 from app.queues import QUEUE_NAMES, SIZE_NAMES, get_queue, get_redis, queue_sizes
 
 log = logging.getLogger("mailqueue.api")
@@ -157,8 +163,10 @@ def parse_datetime(name: str, value: str) -> datetime:
         ) from None
 
 
-MAIL_FIELDS = {"to", "subject", "template", "context", "send_at", "delay"}
-SUBSCRIBER_FIELDS = {"timezone", "frequency", "hour", "weekday"}
+MAIL_FIELDS = {"to", "subject", "template", "context", "send_at", "delay", "headers"}
+# Passed to prepare() as they come: it checks each (app.mail.shape, app.mail.attachments).
+SHAPE_FIELDS = {"cc", "bcc", "reply_to", "attachments", "tags", "metadata", "locale"}
+SUBSCRIBER_FIELDS = {"timezone", "frequency", "hour", "weekday", "locale"}
 ITEM_FIELDS = {"title", "url", "body", "kind"}
 
 
@@ -171,7 +179,7 @@ def refuse_unknown(data: dict[str, Any], allowed: set[str]) -> None:
 @bp.post("/mail")
 def post_mail() -> tuple[Response, int]:
     data = json_body()
-    refuse_unknown(data, MAIL_FIELDS)
+    refuse_unknown(data, MAIL_FIELDS | SHAPE_FIELDS)
     to = field(data, "to", (str, list))
     subject = field(data, "subject", str)
     template = field(data, "template", str)
@@ -179,8 +187,27 @@ def post_mail() -> tuple[Response, int]:
     send_at_raw = field(data, "send_at", str, required=False)
     delay = field(data, "delay", (int, float), required=False)
     send_at = parse_datetime("send_at", send_at_raw) if send_at_raw is not None else None
-    record = prepare(to, subject, template, context, send_at=send_at, delay=delay)
+    shape = {name: data[name] for name in SHAPE_FIELDS if data.get(name) is not None}
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        shape["idempotency_key"] = key
+    record = prepare(
+        to,
+        subject,
+        template,
+        context,
+        send_at=send_at,
+        delay=delay,
+        headers=field(data, "headers", dict, required=False),
+        **shape,
+    )
     enqueue([record])
+    if record.replayed:
+        # The mail of this key's first request, as it is now (or as it was queued).
+        original = status.load(get_redis(), record.id)
+        response = jsonify({"id": record.id, "status": original.status if original else "queued"})
+        response.headers["Idempotent-Replayed"] = "true"
+        return response, 202
     return jsonify({"id": record.id, "status": record.status}), 202
 
 
@@ -203,12 +230,14 @@ def put_subscriber(email: str) -> tuple[Response, int]:
     frequency = field(data, "frequency", str)
     hour = field(data, "hour", int, required=False)
     weekday = field(data, "weekday", str, required=False)
+    locale = field(data, "locale", str, required=False)
     created = digests.upsert_subscriber(
         email,
         timezone,
         frequency,
         digests.DEFAULT_HOUR if hour is None else hour,
         weekday or digests.DEFAULT_WEEKDAY,
+        locale=locale or "",
     )
     return jsonify(digests.describe_subscriber(email)), 201 if created else 200
 
@@ -247,8 +276,40 @@ def openapi() -> Response:
     doc = json.loads(OPENAPI_PATH.read_bytes())
     timezone = doc["components"]["schemas"]["Subscriber"]["properties"]["timezone"]
     timezone["enum"] = sorted(zone_names())
-    doc["components"]["schemas"]["NewMail"]["properties"]["template"]["enum"] = mail_templates()
+    new_mail = doc["components"]["schemas"]["NewMail"]["properties"]
+    new_mail["template"]["enum"] = mail_templates()
+    new_mail["locale"]["enum"] = [*sorted(locales()), None]
+    subscriber = doc["components"]["schemas"]["Subscriber"]["properties"]
+    subscriber["locale"]["enum"] = [*sorted(locales()), None]
+    new_mail["send_at"]["pattern"] = send_at_pattern(datetime.now(UTC).date())
     return jsonify(doc)
+
+
+def send_at_pattern(today: date) -> str:
+    """ "At most a year ahead" as a schema can say it: a date from year 1000 to 365 days
+    after `today` (a day inside the API's 366, for the offsets), as a regex on the
+    `YYYY-MM-DD` start. December's clients may ask for January."""
+    last = today + timedelta(days=365)
+    year, month, day = f"{last.year:04d}", f"{last.month:02d}", f"{last.day:02d}"
+    # Earlier years, 1000 on: _below's first alternative (a lower first digit) from 1.
+    years = [a for a in _below(year) if a[0] == year[0]]
+    if year[0] > "1":
+        years.insert(0, f"[1-{int(year[0]) - 1}]\\d\\d\\d")
+    options = [f"(?:{'|'.join(years)})-"] if years else []
+    if _below(month):
+        options.append(f"{year}-(?:{'|'.join(_below(month))})-")
+    options.append(f"{year}-{month}-(?:{'|'.join([*_below(day), day])})")
+    return f"^(?:{'|'.join(options)})"
+
+
+def _below(limit: str) -> list[str]:
+    """Regex alternatives for the digit strings as long as `limit` and less than it."""
+    out = []
+    for i, digit in enumerate(limit):
+        if digit != "0":
+            top = int(digit) - 1
+            out.append(limit[:i] + (f"[0-{top}]" if top else "0") + "\\d" * (len(limit) - i - 1))
+    return out
 
 
 def mail_templates() -> list[str]:
@@ -286,6 +347,10 @@ def _api_error(err: ApiError) -> Response:
 
 
 def _invalid_mail(err: InvalidMailError) -> Response:
+    if err.field == "idempotency_key":  # it came as the Idempotency-Key header
+        reason = str(err).removeprefix(f"{err.field}: ")
+        code = 409 if isinstance(err, IdempotencyConflictError) else 400
+        return error_response(code, f"Idempotency-Key: {reason}", "Idempotency-Key")
     return error_response(400, str(err), err.field)
 
 

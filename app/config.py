@@ -124,6 +124,10 @@ def _optional_int(key: str, raw: str) -> int | None:
     return None if raw.strip() == "" else _int_parser(0, 16)(key, raw)
 
 
+def _optional_size(key: str, raw: str) -> int | None:
+    return None if raw.strip() == "" else _int_parser(1024)(key, raw)
+
+
 def _url(schemes: tuple[str, ...]) -> Callable[[str, str], str]:
     def parse(key: str, raw: str) -> str:
         try:
@@ -166,7 +170,12 @@ SPEC: dict[str, tuple[Callable[[str, str], Any], str, tuple[str, ...]]] = {
     "MAIL_MAX_PER_SECOND": (_optional_float, "", ()),
     "MAIL_MAX_CONTEXT_BYTES": (_int_parser(1024), str(256 * 1024), ()),
     "MAIL_MAX_RECIPIENTS": (_int_parser(1, 1000), "50", ()),
-    "MAX_CONTENT_LENGTH": (_int_parser(1024), str(1024 * 1024), ()),
+    # Attachments' decoded bytes per mail; an API request carries them in base64 (4/3).
+    "MAIL_MAX_ATTACHMENT_BYTES": (_int_parser(0), str(10 * 1024 * 1024), ()),
+    # How long an idempotency key keeps naming its mail (seconds).
+    "MAIL_IDEMPOTENCY_TTL": (_int_parser(1), "86400", ()),
+    # Empty: room for a request at MAIL_MAX_ATTACHMENT_BYTES (see default_content_length).
+    "MAX_CONTENT_LENGTH": (_optional_size, "", ()),
     "REDIS_URL": (_url(("redis", "rediss", "unix")), "redis://localhost:6379/0", ()),
     # Redis Sentinel (docs/sentinel.md): the sentinels to ask where the master is, and its
     # name there. Set, REDIS_URL gives only the database, credentials and TLS.
@@ -207,7 +216,16 @@ def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
             if raw is None:
                 raw = environ.get(alias)
         config[key] = parse(key, default if raw is None else raw)
+    if config["MAX_CONTENT_LENGTH"] is None:
+        config["MAX_CONTENT_LENGTH"] = default_content_length(config)
     return config
+
+
+def default_content_length(config: Mapping[str, Any]) -> int:
+    """A request body that fits a mail at MAIL_MAX_ATTACHMENT_BYTES (in base64) and at
+    MAIL_MAX_CONTEXT_BYTES, with 1.5 MiB for the rest of it (about 15 MiB at the defaults)."""
+    attachments = math.ceil(config["MAIL_MAX_ATTACHMENT_BYTES"] / 3) * 4
+    return attachments + config["MAIL_MAX_CONTEXT_BYTES"] + 3 * 512 * 1024
 
 
 def check(config: Mapping[str, Any]) -> None:

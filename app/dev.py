@@ -9,7 +9,8 @@ out). The token is never accepted in a query string: access logs record those.
 - /dev/mail is registered only while MAIL_PREVIEWS is true (default); each
   template under `templates/email/` is rendered with the sample in
   `email/<name>.preview.json` through the real `build_message`, so html (with
-  CSS inlined), text and headers are what a worker would send.
+  CSS inlined), text, headers, cc, reply-to and attachments are what a worker
+  would send (app/devpreviews.py builds them; `?locale=de` picks a language).
 - /dev/outbox is registered only while MAIL_DEV_OUTBOX names the folder the
   dev SMTP sink writes `.eml` files to.
 
@@ -24,10 +25,9 @@ import email
 import email.policy
 import hashlib
 import hmac
-import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
@@ -46,11 +46,15 @@ from flask import (
     request,
     url_for,
 )
-from jinja2 import TemplateNotFound
 
 from app.api import bearer_token, token_matches
-from app.errors import InvalidMailError
-from app.mail import TEMPLATE_NAME, build_message, prepare
+from app.devpreviews import (
+    build_preview,
+    email_templates,
+    html_with_inline_parts,
+    load_sample,
+)
+from app.mail import TEMPLATE_NAME
 
 dev = Blueprint("dev", __name__, url_prefix="/dev")
 previews = Blueprint("previews", __name__, url_prefix="/dev/mail")
@@ -58,8 +62,6 @@ outbox = Blueprint("outbox", __name__, url_prefix="/dev/outbox")
 
 COOKIE = "mailqueue_dev"
 COOKIE_MAX_AGE = 12 * 3600
-PREVIEW_SUFFIX = ".preview.json"
-DEFAULT_PREVIEW_TO = "Preview Recipient <preview@example.com>"
 OUTBOX_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.eml$")
 OUTBOX_LIMIT = 200  # newest messages listed; the folder may hold thousands
 # For the mail html routes: no script, no plugin, no same-origin, no form posts;
@@ -165,136 +167,6 @@ def _mail_html_response(html: str) -> Response:
 # --- previews ------------------------------------------------------------------------------
 
 
-@dataclass
-class Sample:
-    """The sample of one template: what a preview renders with, or why it cannot."""
-
-    subject: str
-    to: str | list[str]
-    context: dict[str, Any]
-    headers: dict[str, str] = field(default_factory=dict)
-    note: str = ""  # shown beside the template; set when there is no usable sample
-    usable: bool = True  # false: the file exists but is broken, nothing is rendered
-
-
-@dataclass
-class Preview:
-    name: str
-    sample: Sample
-    has_txt: bool
-    has_html: bool
-    subject: str = ""  # as sent: with MAIL_SUBJECT_PREFIX
-    sender: str = ""
-    text: str = ""
-    html: str | None = None
-    headers: str = ""
-    error: str = ""
-    parts: list[str] = field(default_factory=list)
-
-
-def email_templates() -> list[str]:
-    """Every mail template name (`email/<name>.txt` or `.html`), without `_` partials."""
-    names = set()
-    for path in current_app.jinja_env.list_templates(extensions=["txt", "html"]):
-        if not path.startswith("email/"):
-            continue
-        name = path[len("email/") :].rsplit(".", 1)[0]
-        if not any(part.startswith("_") for part in name.split("/")):
-            names.add(name)
-    return sorted(names)
-
-
-def _source(path: str) -> str | None:
-    """A file under the template folders (found as Jinja finds templates), or None."""
-    env = current_app.jinja_env
-    try:
-        if env.loader is None:
-            return None
-        return env.loader.get_source(env, path)[0]
-    except TemplateNotFound:
-        return None
-
-
-def load_sample(name: str) -> Sample:
-    """Read `email/<name>.preview.json`: {"subject"?, "to"?, "context"?: {...}, "headers"?}."""
-    fallback_subject = f"Preview of {name}"
-    path = f"email/{name}{PREVIEW_SUFFIX}"
-    source = _source(path)
-    if source is None:
-        return Sample(
-            fallback_subject,
-            DEFAULT_PREVIEW_TO,
-            {},
-            note=f"No sample context: add templates/{path} to preview with real data. "
-            "Rendered here with an empty context.",
-        )
-    try:
-        data = json.loads(source)
-    except ValueError as err:
-        return _broken(name, f"templates/{path} is not valid JSON: {err}")
-    if not isinstance(data, dict):
-        return _broken(name, f'templates/{path} must be a JSON object {{"context": {{...}}}}')
-    unknown = sorted(set(data) - {"subject", "to", "context", "headers"})
-    if unknown:
-        return _broken(
-            name,
-            f"templates/{path}: unknown key {unknown[0]!r} (expected subject, to, context, "
-            "headers; the template variables go inside context)",
-        )
-    subject = data.get("subject", fallback_subject)
-    to = data.get("to", DEFAULT_PREVIEW_TO)
-    context = data.get("context", {})
-    if not isinstance(subject, str):
-        return _broken(name, f"templates/{path}: subject must be a string")
-    if not (isinstance(to, str) or (isinstance(to, list) and all(isinstance(a, str) for a in to))):
-        return _broken(name, f"templates/{path}: to must be an address or a list of addresses")
-    if not isinstance(context, dict):
-        return _broken(name, f"templates/{path}: context must be a JSON object")
-    headers = data.get("headers", {})
-    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-        return _broken(name, f"templates/{path}: headers must map names to strings")
-    return Sample(subject, to, context, headers)
-
-
-def _broken(name: str, note: str) -> Sample:
-    return Sample(f"Preview of {name}", DEFAULT_PREVIEW_TO, {}, note=note, usable=False)
-
-
-def build_preview(name: str) -> Preview:
-    """Render `name` as a worker would, from a throw-away (never saved) mail record."""
-    preview = Preview(
-        name=name,
-        sample=load_sample(name),
-        has_txt=_source(f"email/{name}.txt") is not None,
-        has_html=_source(f"email/{name}.html") is not None,
-    )
-    if not preview.has_txt:
-        preview.error = f"templates/email/{name}.txt is missing: a mail needs its text part."
-        return preview
-    if not preview.sample.usable:
-        return preview
-    sample = preview.sample
-    try:
-        record = prepare(sample.to, sample.subject, name, sample.context, headers=sample.headers)
-        message = build_message(record)
-        raw = message.as_bytes()
-    except InvalidMailError as err:
-        preview.error = f"send_email would refuse this sample: {err}"
-        return preview
-    except Exception as err:  # a template bug is exactly what a preview is for
-        preview.error = f"Rendering failed: {type(err).__name__}: {err}"
-        return preview
-    parsed = email.message_from_bytes(raw, policy=email.policy.default)
-    head, _, _ = raw.replace(b"\r\n", b"\n").partition(b"\n\n")
-    preview.headers = head.decode("ascii", "replace")
-    preview.subject = str(parsed["Subject"])
-    preview.sender = str(parsed["From"])
-    preview.text = message.body or ""
-    preview.html = message.html
-    preview.parts = [part.get_content_type() for part in parsed.walk()]
-    return preview
-
-
 def _preview_name(name: str) -> str:
     if not TEMPLATE_NAME.match(name) or name not in email_templates():
         abort(404)
@@ -307,18 +179,25 @@ def previews_index() -> str:
     return render_template("dev/mail_index.html", items=items)
 
 
+def _locale() -> str | None:
+    """`?locale=de`: preview that language (`?locale=` for none); absent: the sample's."""
+    return request.args.get("locale")
+
+
 @previews.get("/<path:name>")
 def preview(name: str) -> str:
-    return render_template("dev/mail_preview.html", preview=build_preview(_preview_name(name)))
+    result = build_preview(_preview_name(name), _locale())
+    return render_template("dev/mail_preview.html", preview=result, asked_locale=_locale())
 
 
 @previews.get("/<path:name>.html")
 def preview_html(name: str) -> Response:
-    """The rendered html alone, for the sandboxed iframe."""
-    result = build_preview(_preview_name(name))
-    if result.html is None:
+    """The rendered html alone, for the sandboxed iframe (inline parts as data: URIs)."""
+    result = build_preview(_preview_name(name), _locale())
+    html = html_with_inline_parts(result)
+    if html is None:
         abort(404)
-    return _mail_html_response(result.html)
+    return _mail_html_response(html)
 
 
 # --- outbox --------------------------------------------------------------------------------

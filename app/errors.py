@@ -41,6 +41,18 @@ class InvalidScheduleError(InvalidMailError):
     """`send_at`/`delay` is malformed or contradictory."""
 
 
+class InvalidAttachmentError(InvalidMailError):
+    """An attachment's name, type, content or size is refused."""
+
+
+class InvalidLocaleError(InvalidMailError):
+    """A locale is malformed or unknown to Babel."""
+
+
+class IdempotencyConflictError(InvalidMailError):
+    """An idempotency key already names a different mail (the API answers 409)."""
+
+
 class InvalidSubscriberError(InvalidMailError):
     """A subscriber's address, time zone, frequency, hour or weekday is invalid."""
 

@@ -28,6 +28,7 @@ FAILED = "failed"
 SKIPPED = "skipped"
 
 _LEVELS = {RETRY_SCHEDULED: logging.WARNING, FAILED: logging.ERROR}
+_METADATA_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # written as a field name
 _BARE = re.compile(r"^[A-Za-z0-9_.:/@+-]+$")
 # SMTP replies name the refused recipients; keep the domain, hide the mailbox.
 _ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
@@ -71,6 +72,14 @@ def emit(
         {"mail_event": fields},
     )
     log.handle(record)
+
+
+def labels(tags: list[str], metadata: dict[str, str]) -> dict[str, str]:
+    """A mail's tags and metadata as event fields: `tags=a,b meta.<key>=<value>`. The
+    caller chose them to follow its mails through the logs; they are not content."""
+    fields = {"tags": ",".join(tags)} if tags else {}
+    fields.update((f"meta.{k}", v) for k, v in metadata.items() if _METADATA_KEY.fullmatch(k))
+    return fields
 
 
 def format_fields(fields: dict[str, Any]) -> str:

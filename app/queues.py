@@ -79,17 +79,20 @@ class ReplicatedPipeline(Pipeline):
     """A Pipeline whose execute() returns only once `wait_replicas` replicas have its
     writes (set by `replicate`; 0: a plain pipeline). WAIT counts the writes of the
     connection it runs on and returns at once inside MULTI or a script, so it runs
-    after EXEC on the connection execute() used, held until then."""
+    after EXEC on the connection execute() used, held until then. A pipeline that
+    WATCHed (an idempotency key's claim) already holds its connection: that one."""
 
     min_replicas = 0
     wait_replicas = 0
     _held: Connection | None = None
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
-        if self.wait_replicas <= 0 or not self.command_stack or self.connection is not None:
+        if self.wait_replicas <= 0 or not self.command_stack:
             return super().execute(raise_on_error)
         needed, self.wait_replicas = self.wait_replicas, 0
-        conn = self._held = self.connection = self.connection_pool.get_connection()
+        if self.connection is None:
+            self.connection = self.connection_pool.get_connection()
+        conn = self._held = self.connection
         try:
             replies = super().execute(raise_on_error)
             try:

@@ -22,6 +22,11 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 
+from app.status_scripts import BEGIN_ATTEMPT as _BEGIN_ATTEMPT
+from app.status_scripts import FINISH as _FINISH
+from app.status_scripts import SETTLE_IF_LIVE as _SETTLE_IF_LIVE
+from app.status_scripts import UPDATE_IF_EXISTS as _UPDATE_IF_EXISTS
+
 QUEUED = "queued"
 SCHEDULED = "scheduled"
 SENDING = "sending"
@@ -77,6 +82,23 @@ class MailRecord:
     attempts: int = 0
     last_error: str = ""
     refused: dict[str, str] = field(default_factory=dict)
+    # The message's richer shape (issue 15), stored together as one `extras` JSON field
+    # (empty for a plain mail): cc, bcc, reply_to, the attachments' names, types and
+    # sizes (their bytes live under attachments_key), tags, metadata, locale.
+    cc: list[str] = field(default_factory=list)
+    bcc: list[str] = field(default_factory=list)
+    reply_to: list[str] = field(default_factory=list)
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    locale: str = ""
+    # The attachments' bytes, concatenated in order (sizes in `attachments`): written once
+    # beside the record at enqueue, read back by the worker; never in the record hash.
+    attachment_data: bytes = field(default=b"", repr=False, compare=False)
+    # The caller's idempotency key and a digest of its request (app.mail.idempotency).
+    idempotency_key: str = field(default="", repr=False, compare=False)
+    fingerprint: str = field(default="", repr=False, compare=False)
+    replayed: bool = field(default=False, repr=False, compare=False)  # an earlier mail's id
     # `context` as JSON, when prepare() encoded it already to check it: written as-is,
     # so a mail's context is encoded once. Empty for records built elsewhere.
     context_json: str = field(default="", repr=False, compare=False)
@@ -100,7 +122,22 @@ class MailRecord:
             "attempts": str(self.attempts),
             "last_error": self.last_error,
             "refused": json.dumps(self.refused) if self.refused else "{}",
+            "extras": self._extras(),
         }
+
+    def _extras(self) -> str:
+        if not (
+            self.cc
+            or self.bcc
+            or self.reply_to
+            or self.attachments
+            or self.tags
+            or self.metadata
+            or self.locale
+        ):
+            return ""  # a plain mail: no dict built (the bulk enqueue writes thousands)
+        extras = {name: getattr(self, name) for name in EXTRA_FIELDS if getattr(self, name)}
+        return _compact_json(extras) if extras else ""
 
     @classmethod
     def from_redis(cls, raw: dict[bytes, bytes]) -> MailRecord:
@@ -121,6 +158,7 @@ class MailRecord:
             attempts=int(data.get("attempts") or 0),
             last_error=data.get("last_error", ""),
             refused=json.loads(data.get("refused") or "{}"),
+            **json.loads(data.get("extras") or "{}"),
         )
 
     def public(self) -> dict[str, Any]:
@@ -142,7 +180,13 @@ class MailRecord:
                 view["error" if name == "last_error" else name] = value
         if self.refused:
             view["refused"] = self.refused
+        for name in EXTRA_FIELDS:
+            if getattr(self, name):
+                view[name] = getattr(self, name)
         return view
+
+
+EXTRA_FIELDS = ("cc", "bcc", "reply_to", "attachments", "tags", "metadata", "locale")
 
 
 def create(pipe: Pipeline, record: MailRecord) -> None:
@@ -191,7 +235,7 @@ def scan_ids(redis: Redis, batch: int = 500) -> Iterator[list[str]]:
     while True:
         reply: Any = redis.scan(cursor, match=KEY_PREFIX + "*", count=batch)
         cursor, keys = reply
-        ids = [k.decode()[len(KEY_PREFIX) :] for k in keys if not k.endswith(b":lease")]
+        ids = [k.decode()[len(KEY_PREFIX) :] for k in keys if b":" not in k[len(KEY_PREFIX) :]]
         if ids:
             yield ids
         if cursor == 0:
@@ -200,7 +244,7 @@ def scan_ids(redis: Redis, batch: int = 500) -> Iterator[list[str]]:
 
 def delete(pipe: Pipeline, mail_id: str) -> None:
     """Queue the removal of a record, its lease and its failed-index entry on `pipe`."""
-    pipe.delete(key(mail_id), lease_key(mail_id))
+    pipe.delete(key(mail_id), lease_key(mail_id), attachments_key(mail_id))
     pipe.zrem(FAILED_INDEX, mail_id)
 
 
@@ -267,6 +311,11 @@ def lease_key(mail_id: str) -> str:
     return key(mail_id) + ":lease"
 
 
+def attachments_key(mail_id: str) -> str:
+    """The string holding a mail's attachment bytes, deleted once it is sent or failed."""
+    return key(mail_id) + ":attachments"
+
+
 def update(redis: Redis | Pipeline, mail_id: str, **fields: Any) -> None:
     """Set some fields of a live record and release its lease (never re-creates a purged one)."""
     mapping = {name: _encode(value) for name, value in fields.items()}
@@ -287,7 +336,7 @@ def finish(
     With `metric_template`, the outcome is counted for /metrics in the same step.
     One script, so one command (a MULTI/EXEC of five was ~7% of a worker's CPU).
     """
-    redis.eval(_FINISH, 4, *_finish_args(mail_id, status, ttl, metric_template, fields))
+    redis.eval(_FINISH, 5, *_finish_args(mail_id, status, ttl, metric_template, fields))
 
 
 def queue_finish(
@@ -300,7 +349,7 @@ def queue_finish(
     **fields: Any,
 ) -> None:
     """`finish` on the caller's pipeline, so it can share a MULTI/EXEC with other writes."""
-    pipe.eval(_FINISH, 4, *_finish_args(mail_id, status, ttl, metric_template, fields))
+    pipe.eval(_FINISH, 5, *_finish_args(mail_id, status, ttl, metric_template, fields))
 
 
 def _finish_args(
@@ -318,6 +367,7 @@ def _finish_args(
         lease_key(mail_id),
         FAILED_INDEX,
         STATS_KEY,
+        attachments_key(mail_id),
         mail_id,
         str(ttl),
         failed_at,
@@ -335,11 +385,12 @@ def settle(
     `failed` is left alone: None; else the record's (template, attempts), for its event."""
     changed: Any = redis.eval(
         _SETTLE_IF_LIVE,
-        4,
+        5,
         key(mail_id),
         lease_key(mail_id),
         FAILED_INDEX,
         STATS_KEY,
+        attachments_key(mail_id),
         new_status,
         reason,
         now_iso(),
@@ -370,69 +421,3 @@ def _encode(value: Any) -> str:
 
 def _flatten(mapping: dict[str, str]) -> list[str]:
     return [item for pair in mapping.items() for item in pair]
-
-
-# KEYS: record, lease. ARGV: field/value pairs. Never creates a purged record.
-_UPDATE_IF_EXISTS = """
-redis.call('DEL', KEYS[2])
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], unpack(ARGV))
-  return 1
-end
-return 0
-"""
-
-# KEYS: record, lease. ARGV: lease seconds, now, TTL for a created record (0: none),
-# then the field/value pairs of a record to create when it is missing (optional).
-_BEGIN_ATTEMPT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  if #ARGV < 4 then return {'missing', false} end
-  redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-  if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3])) end
-end
-if redis.call('HGET', KEYS[1], 'status') == 'sent' then
-  return {'sent', redis.call('HGETALL', KEYS[1])}
-end
-if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[1])) then
-  return {'busy', redis.call('HGETALL', KEYS[1])}
-end
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'status', 'sending', 'updated_at', ARGV[2])
-return {'go', redis.call('HGETALL', KEYS[1])}
-"""
-
-# KEYS: record, lease, failed index, stats. ARGV: mail id, retention TTL, failed-at timestamp
-# ('' unless failed: then in the failed index, else out of it), stats counter to increment
-# ('' for none), then the field/value pairs. Never re-creates a purged record.
-_FINISH = """
-redis.call('DEL', KEYS[2])
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-end
-if ARGV[3] ~= '' then
-  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-else
-  redis.call('ZREM', KEYS[3], ARGV[1])
-end
-if ARGV[4] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[4], 1) end
-return 1
-"""
-
-# KEYS: record, lease, failed index, stats. ARGV: status, reason, now, ttl, now as a timestamp.
-# Final states are never overwritten: `sent` is the de-duplication mark.
-_SETTLE_IF_LIVE = """
-local current = redis.call('HGET', KEYS[1], 'status')
-if not current or current == 'sent' or current == 'failed' then return 0 end
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'last_error', ARGV[2], 'updated_at', ARGV[3])
-local template = redis.call('HGET', KEYS[1], 'template') or ''
-if ARGV[1] == 'failed' then
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-  redis.call('ZADD', KEYS[3], ARGV[5], redis.call('HGET', KEYS[1], 'id'))
-  redis.call('HINCRBY', KEYS[4], 'failed:' .. template, 1)
-else
-  redis.call('HINCRBY', KEYS[4], 'retried:' .. template, 1)
-end
-return {template, redis.call('HGET', KEYS[1], 'attempts') or '0'}
-"""

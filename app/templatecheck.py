@@ -19,9 +19,9 @@ from flask import current_app
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
 
 from app import PROJECT_ROOT
-from app.dev import PREVIEW_SUFFIX, email_templates, load_sample
+from app.devpreviews import PREVIEW_SUFFIX, email_templates, load_sample
 from app.errors import InvalidMailError
-from app.mail import prepare, render_email
+from app.mail import render_email
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ def check_template(name: str) -> list[Problem]:
         return [Problem(sample_path, note)]
     try:
         # As send_email validates (which loads, so compiles, the text part), then renders.
-        prepare(sample.to, sample.subject, name, sample.context, headers=sample.headers)
-        render_email(name, **sample.context)
+        record = sample.record(name)
+        render_email(name, record.locale, **sample.context)
     except InvalidMailError as err:
         return [Problem(sample_path, f"send_email would refuse this sample: {err}")]
     except TemplateSyntaxError as err:

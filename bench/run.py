@@ -345,6 +345,17 @@ class Bench:
         row = Row(key or f"c{processes}", label, processes, n)
         return self.transactional(row, lambda: self.start_workers(processes, row.key, settings))
 
+    def row_attachment(self) -> Row:
+        """(p): (c1)'s workload with a 200 KB PDF attached to every mail: its bytes go
+        into Redis at enqueue, the worker reads them back, base64-encodes them into a
+        multipart/mixed message and deletes them once the mail is sent."""
+        from app.mail import Attachment
+
+        pdf = [Attachment("invoice.pdf", workload.pdf_attachment())]
+        row = Row("p", "mailqueue transactional, 1 worker(s), 200 KB PDF attached", 1, 0)
+        row.sent = self.args.attachment_n
+        return self.transactional(row, lambda: self.start_workers(1, row.key), attachments=pdf)
+
     def row_floor(self) -> Row:
         """(f): (c)'s workload with 2 `bench.floor` processes in place of the workers:
         the least a queue can spend per mail and keep its guarantees (bench/floor.py)."""
@@ -355,20 +366,24 @@ class Bench:
             row, lambda: [self.spawn(f"floor-{k}", argv) for k in range(processes)]
         )
 
-    def transactional(self, row: Row, start: Callable[[], list[Child]]) -> Row:
-        """Mails from `send_email()` in a loop, sent by the processes `start` returns."""
+    def transactional(
+        self, row: Row, start: Callable[[], list[Child]], attachments: list[Any] | None = None
+    ) -> Row:
+        """Mails from `send_email()` in a loop, sent by the processes `start` returns
+        (each with `attachments`, if given)."""
         from app.mail import send_email
 
         n = row.sent = row.sent or self.args.n
+        extra = {"attachments": attachments} if attachments else {}
         workers = start()
         try:
             with self.app.app_context():
-                self.warm_up(lambda i: _send_email(send_email, i), *workers)
+                self.warm_up(lambda i: _send_email(send_email, i, **extra), *workers)
                 with self.measured(row, workers) as submitted:
                     cpu = time.process_time()
                     for i in range(n):
                         started = time.monotonic()
-                        job = _send_email(send_email, i)
+                        job = _send_email(send_email, i, **extra)
                         submitted[_mq_message_id(job.id)] = started
                     row.producer_ms = (time.process_time() - cpu) * 1000 / n
         finally:
@@ -592,6 +607,8 @@ def run(args: argparse.Namespace) -> tuple[Report, Path]:
     if "c" in selected:
         for count in args.workers:
             plan.append((f"c{count}", lambda count=count: bench.row_mailqueue(count)))
+    if "p" in selected:
+        plan.append(("p", bench.row_attachment))
     if "f" in selected:
         plan.append(("f", bench.row_floor))
     if "d" in selected:
@@ -769,9 +786,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=2000, help="mails per row (default 2000)")
     parser.add_argument(
+        "--attachment-n",
+        type=int,
+        default=500,
+        help="mails of row (p), each with a 200 KB PDF (default 500: ~136 MB on the wire)",
+    )
+    parser.add_argument(
         "--rows",
-        default="micro,e,e0,a,b,c,f,d,lag",
-        help="comma-separated rows: micro,e,e0,a,b,c,f,d,lag (default: all)",
+        default="micro,e,e0,a,b,c,p,f,d,lag",
+        help="comma-separated rows: micro,e,e0,a,b,c,p,f,d,lag (default: all)",
     )
     parser.add_argument(
         "--lag-ms",
@@ -846,9 +869,9 @@ def _is_app_key(name: str) -> bool:
     return name in SPEC or any(name in aliases for _p, _d, aliases in SPEC.values())
 
 
-def _send_email(send_email: Callable[..., Any], i: int) -> Any:
+def _send_email(send_email: Callable[..., Any], i: int, **shape: Any) -> Any:
     to, subject, context = workload.mail(i)
-    return send_email(to, subject, workload.TEMPLATE, **context)
+    return send_email(to, subject, workload.TEMPLATE, **shape, **context)
 
 
 def _mq_message_id(mail_id: str) -> str:

@@ -1,7 +1,8 @@
 """The one workload every row sends, and the app configuration it runs under.
 
 Mail `i` is the `test` template (text + html through the shared layout, about
-1.7 KB on the wire) to `user<i>@example.com`. Rows that are not mailqueue set
+1.7 KB on the wire) to `user<i>@example.com`; row (p) attaches `pdf_attachment()`
+(200 KB, ~272 KB in base64 on the wire) to each. Rows that are not mailqueue set
 their own Message-ID `<bench-<row>-<i>@example.com>` so the sink can match
 what it received to when it was submitted; mailqueue's Message-ID is
 `<mail id@example.com>` already.
@@ -9,6 +10,8 @@ what it received to when it was submitted; mailqueue's Message-ID is
 
 from __future__ import annotations
 
+import functools
+import random
 from typing import Any
 
 from flask import Flask, render_template
@@ -43,6 +46,18 @@ def make_app() -> Flask:
 def mail(i: int) -> tuple[str, str, dict[str, Any]]:
     """(to, subject, context) of mail `i`."""
     return f"user{i}@example.com", f"Your bench report {i}", {"address": f"User {i}"}
+
+
+PDF_BYTES = 200 * 1000  # row (p)'s attachment: an invoice-sized PDF
+
+
+@functools.cache
+def pdf_attachment() -> bytes:
+    """Row (p)'s 200 KB "PDF": a PDF header and trailer around seeded random bytes, as
+    incompressible as a real PDF's compressed streams (the same bytes every run)."""
+    head, tail = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n", b"\n%%EOF\n"
+    body = random.Random(15).randbytes(PDF_BYTES - len(head) - len(tail))
+    return head + body + tail
 
 
 def message_id(row: str, i: int) -> str:

@@ -16,8 +16,13 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from app import events, status
-from app.errors import DeliveryError, MailInFlightError, TransientDeliveryError
-from app.mail import build_message
+from app.errors import (
+    DeliveryError,
+    MailInFlightError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+from app.mail import attachments, build_message
 from app.queues import get_redis, replicate
 from app.smtp import get_mailer
 
@@ -58,6 +63,8 @@ def deliver(mail_id: str) -> str:
         raise MailInFlightError(f"mail {mail_id} is being delivered by another worker")
     _emit(events.SENDING, record)
     try:
+        if record.attachments:
+            _load_attachments(redis, record)
         message = build_message(record)
         refused = get_mailer().send(message)
     except DeliveryError as err:
@@ -88,6 +95,15 @@ def deliver(mail_id: str) -> str:
     return "sent"
 
 
+def _load_attachments(redis: Redis, record: status.MailRecord) -> None:
+    """The attachment bytes stored beside the record at enqueue; gone means it cannot
+    be sent as asked (a permanent failure)."""
+    data = attachments.load(redis, record)
+    if data is None:
+        raise PermanentDeliveryError("the attachments are gone from Redis (purged?)")
+    record.attachment_data = data
+
+
 def lease_seconds(job: Job | None) -> int:
     """A delivery's lease: its job's timeout plus the grace RQ's started registry gives it."""
     timeout = (job.timeout if job is not None else None) or current_app.config["MAIL_JOB_TIMEOUT"]
@@ -110,6 +126,7 @@ def _emit(event: str, record: status.MailRecord, **extra: object) -> None:
         template=record.template,
         attempt=record.attempts,
         **extra,
+        **events.labels(record.tags, record.metadata),
     )
 
 

@@ -79,12 +79,12 @@ def losing_sent_writes(monkeypatch: pytest.MonkeyPatch, times: int) -> Iterator[
     def records_sent(args: tuple[Any, ...]) -> bool:
         if args[:2] != ("EVAL", status._FINISH):
             return False
-        fields = list(args[11:])  # after EVAL, the script, numkeys, 4 keys, 4 values
+        fields = list(args[12:])  # after EVAL, the script, numkeys, 5 keys, 4 values
         pairs = dict(zip(fields[::2], fields[1::2], strict=True))
         return pairs.get("status") == status.SENT
 
     def lose(args: tuple[Any, ...]) -> None:
-        lost.append(args[7])
+        lost.append(args[8])  # the mail id, after the 5 keys
         raise redis.exceptions.ConnectionError("injected: connection lost")
 
     def command(self: Redis, *args: Any, **options: Any) -> Any:

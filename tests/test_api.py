@@ -126,7 +126,7 @@ BAD_INPUT: list[tuple[str, Any, int, str | None, str]] = [
      "required"),
     ("missing template", {k: v for k, v in GOOD.items() if k != "template"}, 400, "template",
      "required"),
-    ("unknown field", dict(GOOD, bcc="eve@example.com"), 400, "bcc", "unknown field"),
+    ("unknown field", dict(GOOD, importance="high"), 400, "importance", "unknown field"),
     ("to a number", dict(GOOD, to=5), 400, "to", "a string or an array"),
     ("to an object", dict(GOOD, to={"a": 1}), 400, "to", "a string or an array"),
     ("to list of numbers", dict(GOOD, to=[1]), 400, "to", "email address"),
@@ -199,7 +199,7 @@ def test_non_json_content_type_is_415(client: FlaskClient, auth: dict[str, str])
 
 
 def test_oversize_body_is_413_json(client: FlaskClient, auth: dict[str, str]) -> None:
-    body = dict(GOOD, context={"a": "x" * (2 * 1024 * 1024)})
+    body = dict(GOOD, context={"a": "x" * (16 * 1024 * 1024)})
     response = client.post("/api/mail", json=body, headers=auth)
     assert response.status_code == 413
     assert response.is_json
@@ -277,3 +277,26 @@ def test_validation_still_answers_400_when_redis_is_down(
     response = down_client.post("/api/mail", json=dict(GOOD, to="nope"), headers=auth)
     assert response.status_code == 400
     assert status.QUEUED not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    ("today", "inside", "outside"),
+    [
+        ("2026-12-03", ["2027-01-15", "2027-12-03", "1000-01-01", "2026-06-30"], ["2027-12-04"]),
+        ("2026-01-01", ["2027-01-01", "2026-12-31"], ["2027-01-02", "0999-12-31", "2028-01-01"]),
+        ("2030-10-09", ["2030-10-09", "2031-10-09", "2031-09-30"], ["2031-10-10", "2031-11-01"]),
+    ],
+)
+def test_the_served_send_at_pattern_allows_up_to_a_year_ahead(
+    today: str, inside: list[str], outside: list[str]
+) -> None:
+    """The schema's "at most a year ahead": in December, January is in (the API takes up
+    to 366 days; the pattern stops a day short, for the offsets)."""
+    import re
+    from datetime import date
+
+    from app.api import send_at_pattern
+
+    pattern = re.compile(send_at_pattern(date.fromisoformat(today)))
+    assert all(pattern.match(f"{d}T09:00:00Z") for d in inside)
+    assert not any(pattern.match(f"{d}T09:00:00Z") for d in outside)

@@ -24,6 +24,7 @@ def test_bench_runs_every_row_with_tiny_n_and_cleans_up() -> None:
     done = subprocess.run(
         [
             sys.executable, "-m", "bench", "-n", "20", "--workers", "1", "--subscribers", "20",
+            "--attachment-n", "20",
             "--bulk", "200", "--micro-calls", "50", "--timeout", "60", "--stall", "15",
             "--lag-ms", "20", "--lag-n", "20", "--lag-subscribers", "20",
         ],
@@ -34,7 +35,7 @@ def test_bench_runs_every_row_with_tiny_n_and_cleans_up() -> None:
     report_dir = done.stdout.strip().splitlines()[-1].split(": ", 1)[1].rstrip(")")
     report = json.loads((ROOT / report_dir / "report.json").read_text())
     rows = {row["key"]: row for row in report["rows"]}
-    for key in ("e", "a", "b", "c1", "f"):
+    for key in ("e", "a", "b", "c1", "p", "f"):
         assert rows[key]["received"] == 20, rows[key]
         assert rows[key]["duplicates"] == 0
     lagged = {(row["key"], row["lag_ms"]): row for row in report["lag_rows"]}

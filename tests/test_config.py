@@ -36,7 +36,10 @@ DEFAULTS: dict[str, Any] = {
     "MAIL_MAX_PER_SECOND": None,
     "MAIL_MAX_CONTEXT_BYTES": 256 * 1024,
     "MAIL_MAX_RECIPIENTS": 50,
-    "MAX_CONTENT_LENGTH": 1024 * 1024,
+    # Room for a mail at MAIL_MAX_ATTACHMENT_BYTES in base64, the context and 1.5 MiB.
+    "MAX_CONTENT_LENGTH": 13981016 + 256 * 1024 + 3 * 512 * 1024,
+    "MAIL_MAX_ATTACHMENT_BYTES": 10 * 1024 * 1024,
+    "MAIL_IDEMPOTENCY_TTL": 86400,
     "REDIS_URL": "redis://localhost:6379/0",
     "REDIS_SENTINELS": [],
     "REDIS_SENTINEL_MASTER": "mymaster",

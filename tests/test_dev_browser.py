@@ -9,6 +9,7 @@ Needs Debian's `chromium` (`apt-get install chromium`; `.ci/run` installs it).
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
@@ -177,6 +178,22 @@ def test_digest_preview_in_chromium(live: Any, browser: Browser) -> None:
     assert re.search(r'<a href="https://example.com/changelog/2.3" style="[^"]+">Release', frame)
     assert "Maintenance on Saturday" in frame
     browser.screenshot(f"{live.url}/dev/mail/digest", "dev-mail-digest")
+
+
+def test_invoice_preview_with_cc_reply_to_and_attachments_in_chromium(
+    live: Any, browser: Browser
+) -> None:
+    live.requests.clear()
+    page = html.unescape(browser.dom(f"{live.url}/dev/mail/invoice"))
+    assert re.search(r'<dd id="cc">Carl Example <carl@example.com></dd>', page)
+    assert re.search(r'<dd id="reply-to">Billing <billing@example.com></dd>', page)
+    assert "<code>X-Invoice-Number: INV-2030-0042</code>" in page
+    assert re.search(r"<td><code>INV-2030-0042.pdf</code></td>\s*<td><code>application/pdf", page)
+    assert '<span class="tag">cid:logo@example.com</span>' in page
+    assert ("/dev/mail/invoice.html", 200) in live.requests, live.requests  # the iframe loaded
+    frame = browser.dom(f"{live.url}/dev/mail/invoice.html")
+    assert re.search(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+" alt="Example"', frame)
+    browser.screenshot(f"{live.url}/dev/mail/invoice", "dev-mail-invoice")
 
 
 def test_outbox_in_chromium(live: Any, browser: Browser, deliver_to_outbox: Any) -> None:

@@ -69,7 +69,7 @@ REFUSALS: list[tuple[str, dict[str, Any], type[InvalidMailError], str, str]] = [
     ("empty", {"template": ""}, TemplateNotFoundError, "template", "''"),
     ("datetime in context", {"when": datetime(2030, 1, 1, tzinfo=UTC)}, InvalidContextError,
      "context", "datetime"),
-    ("set in context", {"tags": {"a", "b"}}, InvalidContextError, "context", "set"),
+    ("set in context", {"labels": {"a", "b"}}, InvalidContextError, "context", "set"),
     ("Decimal in context", {"price": Decimal("1.5")}, InvalidContextError, "context",
      "Decimal"),
     ("NaN in context", {"x": float("nan")}, InvalidContextError, "context", "JSON"),

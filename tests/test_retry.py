@@ -338,3 +338,24 @@ def test_a_template_that_cannot_render_fails_at_once(
     rec = record(redis_client, job.id)
     assert rec.status == status.FAILED and "TemplateNotFound" in rec.last_error
     assert job.id not in get_queue(MAIL_QUEUE).scheduled_job_registry
+
+
+def test_a_retried_mail_keeps_its_attachment_bytes_until_the_retry_sends_it(
+    app_ctx: Flask, smtp_server: SMTPServer, redis_client: Redis
+) -> None:
+    """Transient failure: the bytes stay beside the record for the retry (issue 15);
+    they go with the `sent` write."""
+    from app.mail import Attachment
+
+    smtp_server.handler.replies = ["451 4.3.0 try again later"]
+    job = send_email("ann@example.com", "Hi", "test", attachments=[Attachment("a.pdf", b"%PDF")])
+    work()
+    assert record(redis_client, job.id).status == status.RETRYING
+    assert redis_client.get(status.attachments_key(job.id)) == b"%PDF"
+    with later(20):
+        work(with_scheduler=True)
+    [received] = smtp_server.wait_for(1)
+    [part] = list(received.message.iter_attachments())
+    assert part.get_payload(decode=True) == b"%PDF"
+    assert record(redis_client, job.id).status == status.SENT
+    assert redis_client.exists(status.attachments_key(job.id)) == 0

@@ -74,7 +74,7 @@ def test_send_many_defers_what_has_a_send_at(app_ctx: Flask, redis_client: Redis
         ({"to": "not an address"}, InvalidAddressError, "messages[1].to"),
         ({"template": "../etc/passwd"}, TemplateNotFoundError, "messages[1].template"),
         ({"subject": "a\r\nBcc: x@example.com"}, InvalidMailError, "messages[1].subject"),
-        ({"reply_to": "x@example.com"}, InvalidMailError, "messages[1].reply_to"),
+        ({"importance": "high"}, InvalidMailError, "messages[1].importance"),
     ],
 )
 def test_one_bad_message_refuses_them_all_naming_it(

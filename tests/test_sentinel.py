@@ -13,7 +13,7 @@ from redis import Redis
 from app import create_app, status
 from app.config import check, from_environ
 from app.errors import ConfigError, QueueUnavailableError
-from app.mail import send_email, send_many
+from app.mail import Attachment, idempotency, send_email, send_many
 from app.queues import connect_app, get_redis, min_replicas
 from tests.conftest import API_TOKEN, run_worker
 from tests.sentinels import SentinelCluster
@@ -154,6 +154,26 @@ def test_too_few_replicas_refuse_the_mail(
         headers={"Authorization": f"Bearer {API_TOKEN}"},
     )
     assert response.status_code == 503
+    # An idempotency key WATCHes first (its pipeline holds a connection): WAIT all the same.
+    with app.app_context(), pytest.raises(QueueUnavailableError, match="1 of 2 replicas"):
+        send_email("ann@example.com", "Hello", "test", address="Ann", idempotency_key="k")
+
+
+def test_attachments_and_idempotency_keys_are_on_the_replica_when_accepted(
+    sentinel_app: Flask, cluster: SentinelCluster
+) -> None:
+    with sentinel_app.app_context():
+        job = send_email(
+            "ann@example.com",
+            "Invoice",
+            "test",
+            address="Ann",
+            attachments=[Attachment("a.pdf", b"%PDF-1.4 tiny")],
+            idempotency_key="order-42",
+        )
+    with Redis(port=cluster.replica.port) as replica:
+        assert replica.get(status.attachments_key(job.id)) == b"%PDF-1.4 tiny"
+        assert replica.exists(idempotency.key("order-42")) == 1
 
 
 def test_without_replicas_asked_for_no_wait_is_sent(

@@ -27,7 +27,7 @@ def check(
 def test_the_projects_own_templates_pass(app: Flask) -> None:
     result = app.test_cli_runner().invoke(args=["mail", "check-templates"])
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == "2 templates render with their samples\n"  # digest, test
+    assert result.stdout == "3 templates render with their samples\n"  # digest, invoice, test
 
 
 def test_a_good_template_of_ones_own_passes(app: Flask, extra_templates: Any) -> None:
@@ -43,7 +43,7 @@ def test_a_good_template_of_ones_own_passes(app: Flask, extra_templates: Any) ->
         },
     )
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == "3 templates render with their samples\n"
+    assert result.stdout == "4 templates render with their samples\n"
 
 
 @pytest.mark.parametrize(
@@ -124,7 +124,7 @@ def test_each_problem_fails_the_check_and_names_template_and_line(
     folder = "templates" if expected[0].endswith((".json: ", ": missing")) else str(tmp_path)
     assert problem.startswith(f"{folder}/{expected[0]}")
     assert all(part in problem for part in expected)
-    assert summary == "1 of 3 templates have problems"
+    assert summary == "1 of 4 templates have problems"
 
 
 def test_undefined_variables_are_errors_only_while_checking(

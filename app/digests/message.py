@@ -8,6 +8,8 @@ import hashlib
 from datetime import UTC, date, datetime
 from typing import Any
 
+from babel.dates import format_date, format_datetime
+
 from app import status
 from app.digests.periods import is_weekly_period
 from app.digests.subscribers import Subscriber
@@ -33,15 +35,21 @@ def digest_record(
     return status.MailRecord(
         id=digest_mail_id(subscriber.email, period, subscriber.gen),
         to=[subscriber.email],
-        subject=digest_subject(frequency, count),
+        subject=digest_subject(frequency, count, subscriber.locale),
         template=DIGEST_TEMPLATE,
         context={"period": period, "frequency": frequency, "items": count},
         kind="digest",
         headers=digest_headers(subscriber.email, unsubscribe),
+        locale=subscriber.locale,
     )
 
 
-def digest_subject(frequency: str, count: int) -> str:
+def digest_subject(frequency: str, count: int, locale: str = "") -> str:
+    """The subject, in the subscriber's language where the digest template has one
+    (email/digest.de.*): it is written into the record at dispatch, before rendering."""
+    if locale.partition("_")[0] == "de":
+        kind = "tägliche" if frequency == "daily" else "wöchentliche"
+        return f"Ihre {kind} Übersicht: {count} neue{'r Eintrag' if count == 1 else ' Einträge'}"
     return f"Your {frequency} digest: {count} new item{'' if count == 1 else 's'}"
 
 
@@ -73,7 +81,7 @@ def digest_context(
                 "body": item.get("body") or "",
                 "kind": item.get("kind") or DEFAULT_KIND,
                 "at": at,
-                "when": at.astimezone(zone).strftime("%a %d %b, %H:%M") if at else "",
+                "when": _when(at.astimezone(zone), subscriber.locale) if at else "",
                 "order": index,
             }
         )
@@ -89,6 +97,10 @@ def digest_context(
         "frequency": frequency,
         "period": period,
         "period_label": period_label(period),
+        # The period's day (a weekly one's Monday) in the subscriber's language, and its
+        # ISO week: what a localized template (email/digest.de.*) words itself.
+        "period_day": _day(period_date(period), subscriber.locale),
+        "week": int(period.split("-W")[1]) if is_weekly_period(period) else None,
         "timezone": subscriber.schedule.timezone,
         "hour": subscriber.schedule.hour,
         "count": count,
@@ -100,9 +112,29 @@ def digest_context(
             }
             for kind, group in groups.items()
         ],
-        "subject": digest_subject(frequency, count),
+        "subject": digest_subject(frequency, count, subscriber.locale),
         "unsubscribe_url": unsubscribe or unsubscribe_url(subscriber.email),
     }
+
+
+def period_date(period: str) -> date:
+    """The period's day, or the Monday of its ISO week."""
+    if is_weekly_period(period):
+        year, week = period.split("-W")
+        return date.fromisocalendar(int(year), int(week), 1)
+    return date.fromisoformat(period)
+
+
+def _day(day: date, locale: str) -> str:
+    return format_date(day, "full", locale=locale) if locale else day.strftime("%A %d %B %Y")
+
+
+def _when(moment: datetime, locale: str) -> str:
+    """An item's local time: `Tue 15 Jan, 07:41`; `Di. 15. Jan., 07:41` under `de`."""
+    if not locale:
+        return moment.strftime("%a %d %b, %H:%M")
+    pattern = "EEE d. MMM, HH:mm" if locale.partition("_")[0] == "de" else "EEE d MMM, HH:mm"
+    return format_datetime(moment, pattern, tzinfo=moment.tzinfo, locale=locale)
 
 
 def period_label(period: str) -> str:

@@ -25,7 +25,12 @@ from app.digests.periods import (
     _aware,
     _marks,
 )
-from app.digests.validation import normalize_email, validate_item, validate_schedule
+from app.digests.validation import (
+    normalize_email,
+    validate_item,
+    validate_schedule,
+    validate_subscriber_locale,
+)
 from app.errors import (
     SubscriberNotFoundError,
 )
@@ -72,6 +77,9 @@ class Subscriber:
     gen: str = ""
     created: str = ""
     updated: str = ""
+    # The digest renders under it (email/digest.<locale>.*, Flask-Babel); "" for none.
+    # Not part of the Schedule: changing it never moves a digest.
+    locale: str = ""
 
     @classmethod
     def from_redis(cls, email: str, raw: dict[bytes, bytes]) -> Subscriber:
@@ -95,6 +103,7 @@ class Subscriber:
             gen=data.get("gen", ""),
             created=data.get("created", ""),
             updated=data.get("updated", ""),
+            locale=data.get("locale", ""),
         )
 
     def marks(self, frequency: str | None = None) -> tuple[str, str]:
@@ -109,6 +118,7 @@ class Subscriber:
         return {
             "email": self.email,
             **asdict(self.schedule),
+            "locale": self.locale or None,
             "last_period": self.last_period or None,
             "created": self.created,
             "updated": self.updated,
@@ -122,6 +132,7 @@ def upsert_subscriber(
     hour: int = DEFAULT_HOUR,
     weekday: str = DEFAULT_WEEKDAY,
     *,
+    locale: str | None = None,
     now: datetime | None = None,
 ) -> bool:
     """Create or replace a subscriber's settings; True if created.
@@ -129,11 +140,13 @@ def upsert_subscriber(
     Raises InvalidSubscriberError naming the field; nothing is written then.
     The due time is recomputed only when the schedule changed, so saving the same
     settings again never moves or repeats a digest. `weekday` is kept for daily
-    subscribers too (it applies once they switch to weekly).
+    subscribers too (it applies once they switch to weekly). `locale` (a Babel
+    locale, e.g. `de`) is the language of the digests; PUT replaces, so None clears it.
     """
     address = normalize_email(email)
     schedule = validate_schedule(timezone, frequency, hour, weekday)
-    return _write_schedule(address, lambda _old: schedule, now=now, create=True)
+    language = validate_subscriber_locale(locale)
+    return _write_schedule(address, lambda _old: schedule, now=now, create=True, locale=language)
 
 
 _NO_SCHEDULE = Schedule("UTC", OFF)
@@ -155,12 +168,14 @@ def _write_schedule(
     *,
     now: datetime | None,
     create: bool,
+    locale: str | None = None,
 ) -> bool:
     """Apply `change(old_schedule) -> new_schedule` in an optimistic transaction
     (WATCH the subscriber's hash), keeping the due index in step; True if created.
 
     The index is not watched: the dispatcher moves scores all the time, and a
-    score it moves meanwhile is settled by its own compare-and-set (_SETTLE_DUE)."""
+    score it moves meanwhile is settled by its own compare-and-set (_SETTLE_DUE).
+    `locale`: written when not None (an unsubscribe leaves it as it is)."""
     redis = get_redis()
     key = sub_key(email)
     with redis.pipeline() as pipe:
@@ -181,6 +196,8 @@ def _write_schedule(
                     "weekday": schedule.weekday,
                     "updated": stamp,
                 }
+                if locale is not None:
+                    fields["locale"] = locale
                 if old is None:
                     fields.update(created=stamp, gen=secrets.token_hex(8))
                 pipe.multi()

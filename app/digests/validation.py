@@ -20,6 +20,7 @@ from app.errors import (
     InvalidSubscriberError,
 )
 from app.mail import validate_address
+from app.mail.shape import validate_locale
 
 MAX_EMAIL_LENGTH = 254
 MAX_TITLE_LENGTH = 200
@@ -64,6 +65,15 @@ def validate_schedule(timezone: Any, frequency: Any, hour: Any, weekday: Any) ->
             "weekday", f"{str(weekday)[:40]!r} is not one of {', '.join(WEEKDAYS)}"
         )
     return Schedule(timezone, frequency, hour, weekday.lower())
+
+
+def validate_subscriber_locale(locale: Any) -> str:
+    """A subscriber's locale, checked as a mail's is ("" for none), refused as a
+    subscriber field."""
+    try:
+        return validate_locale(locale)
+    except InvalidMailError as err:
+        raise InvalidSubscriberError("locale", str(err).partition(": ")[2]) from None
 
 
 def validate_item(

@@ -26,19 +26,24 @@ from app.mail.headers import check_header
 BARE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
 
 
-def validate_recipients(to: str | Iterable[str], limit: int) -> list[str]:
-    """Normalise `to` to a list of `addr` or `Name <addr>` strings, each checked."""
+def validate_recipients(
+    to: str | Iterable[str], limit: int, field: str = "to", *, required: bool = True
+) -> list[str]:
+    """Normalise `to` to a list of `addr` or `Name <addr>` strings, each checked. `field`
+    names them in errors (`cc[1]` for the second of a list of cc)."""
     if isinstance(to, str):
         items = [to]
     elif isinstance(to, Iterable) and not isinstance(to, bytes | Mapping):
         items = list(to)
     else:
-        raise InvalidAddressError("to", "expected an address or a list of addresses")
-    if not items:
-        raise InvalidAddressError("to", "at least one recipient is required")
+        raise InvalidAddressError(field, "expected an address or a list of addresses")
+    if not items and required:
+        raise InvalidAddressError(field, "at least one recipient is required")
     if len(items) > limit:
-        raise InvalidAddressError("to", f"at most {limit} recipients per mail")
-    return [validate_address("to", item) for item in items]
+        raise InvalidAddressError(field, f"at most {limit} recipients per mail")
+    if field == "to" or isinstance(to, str):
+        return [validate_address(field, item) for item in items]
+    return [validate_address(f"{field}[{index}]", item) for index, item in enumerate(items)]
 
 
 def validate_address(field: str, value: Any) -> str:

@@ -22,6 +22,7 @@ from app import events, status
 from app.errors import (
     QueueUnavailableError,
 )
+from app.mail import attachments, idempotency
 from app.queues import MAIL_QUEUE, get_queue, get_redis, replicate
 
 DELIVER_JOB = "jobs.mail.deliver"
@@ -33,58 +34,94 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:
     Returns the first record's RQ job (what send_email returns). `reopen`: the
     records are failed ones an operator re-queues (same id, so the same
     Message-ID); their old jobs leave RQ's failed registry in the same step.
+    A record with an idempotency key that names an earlier mail of the same
+    request takes that mail's id, is marked `replayed` and writes nothing.
     """
     queue = get_queue(MAIL_QUEUE)
     jobs = _DeliverJobs(queue, current_app.config)
-    # New mails to queue now, if more than one: written by a script (_write_queued). One
-    # alone costs Redis less as the plain HSETs below.
-    bulk = [] if reopen else [record for record in records if not record.send_at]
-    bulk = bulk if len(bulk) > 1 else []
+    keyed = [record for record in records if record.idempotency_key]
     first: Job | None = None
-    ready: list[str] = []  # ids to push on the queue, in order
+    fresh: list[status.MailRecord] = []
     try:
         with get_redis().pipeline(transaction=True) as pipe:
-            pipe.multi()  # explicit, so RQ's writes add to this transaction as-is
-            replicate(pipe)  # accepted = on REDIS_MIN_REPLICAS replicas too
-            for record in records:
-                if bulk and not record.send_at:
-                    ready.append(record.id)
-                    continue
-                if reopen:
-                    status.reopen(pipe, record)
-                    pipe.zrem(queue.failed_job_registry.key, record.id)
-                else:
-                    status.create(pipe, record)
-                if record.send_at:
-                    job = jobs.create(record, JobStatus.SCHEDULED)
-                    schedule(queue, job, datetime.fromisoformat(record.send_at), pipe)
-                else:
-                    job = jobs.create(record, JobStatus.QUEUED)
-                    # What Queue.enqueue_job writes for a job without dependencies, minus
-                    # its per-job SADD, status HSET and RPUSH (one RPUSH below).
-                    queue._prepare_for_queue(job)
-                    pipe.hset(job.key, mapping=job.to_dict())
-                    ready.append(job.id)
-                first = first or job
-            if bulk:
-                job = _write_queued(pipe, jobs, bulk)
-                first = job if bulk[0] is records[0] else first
-            if ready:
-                pipe.sadd(queue.redis_queues_keys, queue.key)
-                pipe.rpush(queue.key, *ready)
-            pipe.execute()
+            while True:
+                try:
+                    claimed = idempotency.claim(pipe, keyed) if keyed else []
+                    fresh = [record for record in records if not record.replayed]
+                    pipe.multi()  # explicit, so RQ's writes add to this transaction as-is
+                    if fresh:
+                        replicate(pipe)  # accepted = on REDIS_MIN_REPLICAS replicas too
+                        idempotency.queue_set(
+                            pipe, claimed, current_app.config["MAIL_IDEMPOTENCY_TTL"]
+                        )
+                        first = _queue_writes(pipe, queue, jobs, fresh, reopen)
+                    pipe.execute()
+                    break
+                except redis.exceptions.WatchError:
+                    # A racing request took one of the keys first: read them again.
+                    pipe.reset()
+                    for record in keyed:
+                        record.replayed = False
     except redis.exceptions.RedisError as err:
         raise QueueUnavailableError(f"Redis unavailable, mail not queued: {err}") from err
-    for record in records:
+    for record in fresh:
         events.emit(
             record.status,  # queued or scheduled
             mail_id=record.id,
             template=record.template,
             attempt=0,
             kind=record.kind,
-            recipients=len(record.to),
+            recipients=len(record.to) + len(record.cc) + len(record.bcc),
             send_at=record.send_at,
+            **(
+                events.labels(record.tags, record.metadata)
+                if record.tags or record.metadata
+                else {}
+            ),
         )
+    if first is None or records[0].replayed:
+        return Job(records[0].id, connection=get_redis(), serializer=queue.serializer)
+    return first
+
+
+def _queue_writes(
+    pipe: Any, queue: Queue, jobs: _DeliverJobs, records: list[status.MailRecord], reopen: bool
+) -> Job:
+    """Queue on `pipe` the writes of `records` and their jobs; return the first's job."""
+    # New mails to queue now, if more than one: written by a script (_write_queued). One
+    # alone costs Redis less as the plain HSETs below.
+    bulk = [] if reopen else [record for record in records if not record.send_at]
+    bulk = bulk if len(bulk) > 1 else []
+    first: Job | None = None
+    ready: list[str] = []  # ids to push on the queue, in order
+    for record in records:
+        if record.attachments:
+            attachments.queue_write(pipe, record)
+        if bulk and not record.send_at:
+            ready.append(record.id)
+            continue
+        if reopen:
+            status.reopen(pipe, record)
+            pipe.zrem(queue.failed_job_registry.key, record.id)
+        else:
+            status.create(pipe, record)
+        if record.send_at:
+            job = jobs.create(record, JobStatus.SCHEDULED)
+            schedule(queue, job, datetime.fromisoformat(record.send_at), pipe)
+        else:
+            job = jobs.create(record, JobStatus.QUEUED)
+            # What Queue.enqueue_job writes for a job without dependencies, minus
+            # its per-job SADD, status HSET and RPUSH (one RPUSH below).
+            queue._prepare_for_queue(job)
+            pipe.hset(job.key, mapping=job.to_dict())
+            ready.append(job.id)
+        first = first or job
+    if bulk:
+        job = _write_queued(pipe, jobs, bulk)
+        first = job if bulk[0] is records[0] else first
+    if ready:
+        pipe.sadd(queue.redis_queues_keys, queue.key)
+        pipe.rpush(queue.key, *ready)
     assert first is not None
     return first
 

@@ -18,6 +18,7 @@ from flask import current_app
 from flask_mail import Message, sanitize_address
 
 from app import status
+from app.mail import attachments, parts
 from app.mail.headers import check_header
 from app.mail.rendering import render_email
 
@@ -70,14 +71,28 @@ class MailMessage(Message):
     re-parses every header through the header registry: about 1 ms a mail, most of
     a worker's CPU (see docs/performance.md). `as_bytes` writes the same MIME
     structure in a few tens of microseconds; any other shape (attachments, cc,
-    reply-to, other alternatives or charsets) keeps Flask-Mail's own path.
+    reply-to, other alternatives or charsets) keeps Flask-Mail's own path, but for
+    the body of a mail with attachments (app/mail/parts.py) and an ordered Cc and a
+    Reply-To of several addresses (`reply_to_list`). Bcc goes in no header.
     """
 
+    def __init__(self, *args: Any, reply_to_list: list[str] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.reply_to_list = reply_to_list or []  # Reply-To, one address or several
+        # Set while as_bytes flattens: attachment bodies as tokens (parts.fill_placeholders).
+        self._placeholders: dict[bytes, bytes] | None = None
+
     def as_bytes(self) -> bytes:
+        if self.attachments:
+            self._placeholders = {}
+            try:
+                return parts.fill_placeholders(super().as_bytes(), self._placeholders)
+            finally:
+                self._placeholders = None
         if (
-            self.attachments
-            or self.cc
+            self.cc
             or self.reply_to
+            or self.reply_to_list
             or set(self.alts) - {"html"}
             or (self.charset or "utf-8").lower() != "utf-8"
         ):
@@ -85,19 +100,36 @@ class MailMessage(Message):
         return _compose(self)
 
     def _message(self) -> Any:
-        message: Any = super()._message()
-        parts = message.get_payload()
-        if (
+        attached, self.attachments = self.attachments, []
+        try:
+            message: Any = super()._message()  # its headers, and the body without files
+        finally:
+            self.attachments = attached
+        payload = message.get_payload()
+        if attached:
+            inner: Any = parts.body_tree(self.body or "", self.html, attached, self._placeholders)
+        elif (
             message.get_content_type() == "multipart/mixed"
-            and len(parts) == 1
-            and parts[0].get_content_type() == "multipart/alternative"
+            and len(payload) == 1
+            and payload[0].get_content_type() == "multipart/alternative"
         ):
-            inner: Any = parts[0]
+            inner = payload[0]
+        else:
+            inner = None
+        if inner is not None:
             for name, value in message.items():
                 if name.lower() not in ("content-type", "mime-version"):
                     inner[name] = value
             inner.policy = message.policy
             message = inner
+        if self.cc:  # in the order given (Flask-Mail joins a set)
+            cc = ", ".join(dict.fromkeys(sanitize_address(a, "utf-8") for a in self.cc))
+            message.replace_header("Cc", cc)
+        if self.reply_to_list:
+            check_header("Reply-To", ", ".join(self.reply_to_list))
+            message["Reply-To"] = ", ".join(
+                sanitize_address(a, "utf-8") for a in self.reply_to_list
+            )
         for name in VERBATIM_HEADERS:
             value = message.get(name)
             text = str(value) if value is not None else ""
@@ -214,7 +246,9 @@ def build_message(record: status.MailRecord, context: Mapping[str, Any] | None =
     which are not copied into the record).
     """
     config = current_app.config
-    rendered = render_email(record.template, **(record.context if context is None else context))
+    rendered = render_email(
+        record.template, record.locale, **(record.context if context is None else context)
+    )
     prefix = config["MAIL_SUBJECT_PREFIX"]
     message = MailMessage(
         subject=f"{prefix} {record.subject}" if prefix else record.subject,
@@ -223,8 +257,21 @@ def build_message(record: status.MailRecord, context: Mapping[str, Any] | None =
         html=rendered.html,
         sender=config["MAIL_DEFAULT_SENDER"],
         extra_headers=dict(record.headers) or None,
+        cc=list(record.cc) or None,
+        bcc=list(record.bcc) or None,
+        reply_to_list=list(record.reply_to),
     )
     message.msgId = message_id(record.id, config["MAIL_DEFAULT_SENDER"])
+    datas = attachments.split(record.attachments, record.attachment_data)
+    for entry, data in zip(record.attachments, datas, strict=True):
+        cid = entry.get("content_id")
+        message.attach(
+            entry["filename"],
+            entry["content_type"],
+            data,
+            "inline" if entry.get("inline") else "attachment",
+            {"Content-ID": f"<{cid}>"} if cid else None,
+        )
     return message
 
 

@@ -16,8 +16,9 @@ from app.errors import (
     QueueUnavailableError,
     UnknownMailError,
 )
+from app.mail.attachments import Attachment
 from app.mail.enqueueing import enqueue
-from app.mail.validation import _Checks, prepare
+from app.mail.validation import SHAPE_FIELDS, _Checks, prepare
 from app.queues import get_redis
 
 
@@ -28,16 +29,51 @@ def send_email(
     *,
     send_at: datetime | None = None,
     delay: timedelta | float | None = None,
+    cc: str | Iterable[str] | None = None,
+    bcc: str | Iterable[str] | None = None,
+    reply_to: str | Iterable[str] | None = None,
+    headers: Mapping[str, str] | None = None,
+    attachments: Iterable[Attachment | Mapping[str, Any]] | None = None,
+    tags: Iterable[str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    locale: str | None = None,
+    idempotency_key: str | None = None,
     **context: Any,
 ) -> Job:
     """Validate a mail and enqueue it on the `mail` queue; return its RQ job.
 
     The job id is the mail id (see app.status). `send_at` must be timezone-aware;
-    `delay` is a timedelta or seconds. Raises an InvalidMailError (a ValueError)
-    naming the problem, or QueueUnavailableError when Redis is down; either way
-    nothing is enqueued.
+    `delay` is a timedelta or seconds. `cc`/`bcc` count in MAIL_MAX_RECIPIENTS (bcc
+    is in no header); `reply_to` is one address or a list; `headers` are extra
+    headers; `attachments` are Attachment objects (or mappings of their fields);
+    `tags` and `metadata` label the mail in its status and log lines; `locale`
+    picks `email/<template>.<locale>.*` and Flask-Babel's locale. Under an
+    `idempotency_key` already used for the same request within MAIL_IDEMPOTENCY_TTL,
+    nothing is enqueued and the job of the first mail is returned (another request
+    under it raises IdempotencyConflictError). Raises an InvalidMailError (a
+    ValueError) naming the problem, or QueueUnavailableError when Redis is down;
+    either way nothing is enqueued.
     """
-    record = prepare(to, subject, template, context, send_at=send_at, delay=delay)
+    shape: dict[str, Any] = {
+        "cc": cc,
+        "bcc": bcc,
+        "reply_to": reply_to,
+        "attachments": attachments,
+        "tags": tags,
+        "metadata": metadata,
+        "locale": locale,
+        "idempotency_key": idempotency_key,
+    }
+    record = prepare(
+        to,
+        subject,
+        template,
+        context,
+        send_at=send_at,
+        delay=delay,
+        headers=headers,
+        **{name: value for name, value in shape.items() if value is not None},
+    )
     return enqueue([record])
 
 
@@ -45,7 +81,9 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
     """Validate and enqueue many mails at once; return their ids, in order.
 
     Each message is a mapping of send_email's arguments: `to`, `subject`,
-    `template`, and optionally `context` (a mapping), `send_at`, `delay`. Every
+    `template`, and optionally `context` (a mapping), `send_at`, `delay`, `cc`,
+    `bcc`, `reply_to`, `headers`, `attachments`, `tags`, `metadata`, `locale`,
+    `idempotency_key`. Every
     message is validated first, as send_email does; a refusal raises the same
     InvalidMailError with its field prefixed by the message's index
     (`messages[3].to`). Then all are written in one MULTI/EXEC: all or nothing.
@@ -71,7 +109,13 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
                     message.get("context", {}),
                     send_at=message.get("send_at"),
                     delay=message.get("delay"),
+                    headers=message.get("headers"),
                     checks=checks,
+                    **(
+                        {}
+                        if _PLAIN_KEYS.issuperset(message)  # most bulk mail: skip the lookups
+                        else {name: message[name] for name in SHAPE_FIELDS.intersection(message)}
+                    ),
                 )
             )
         except InvalidMailError as err:
@@ -82,7 +126,8 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
     return [record.id for record in records]
 
 
-_MESSAGE_KEYS = frozenset({"to", "subject", "template", "context", "send_at", "delay"})
+_PLAIN_KEYS = frozenset({"to", "subject", "template", "context", "send_at", "delay", "headers"})
+_MESSAGE_KEYS = _PLAIN_KEYS | SHAPE_FIELDS
 
 
 def requeue_failed(mail_id: str) -> status.MailRecord:
@@ -98,6 +143,10 @@ def requeue_failed(mail_id: str) -> status.MailRecord:
         raise UnknownMailError(f"no mail {mail_id} (purged or expired?)")
     if record.status != status.FAILED:
         raise MailNotFailedError(f"mail {mail_id} is {record.status}, not failed")
+    if record.attachments:
+        raise MailNotFailedError(
+            f"mail {mail_id} had attachments, deleted from Redis when it failed: send it anew"
+        )
     if record.kind == "digest":
         # It renders from claimed items, not from its record: as a mail job it could
         # only fail again. Its items went back to the subscriber when it failed.

@@ -4,6 +4,7 @@ context, headers, schedule): `prepare` returns its unsaved record.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -21,7 +22,16 @@ from app.errors import (
     TemplateNotFoundError,
 )
 from app.mail.addresses import validate_recipients
-from app.mail.headers import check_header, check_header_name
+from app.mail.attachments import validate_attachments
+from app.mail.headers import check_header, check_headers
+from app.mail.shape import (
+    validate_copies,
+    validate_idempotency_key,
+    validate_locale,
+    validate_metadata,
+    validate_reply_to,
+    validate_tags,
+)
 
 TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}(/[a-z0-9][a-z0-9_-]{0,63}){0,3}$")
 MAX_CONTEXT_DEPTH = 20
@@ -42,11 +52,17 @@ def prepare(
     kind: str = "mail",
     mail_id: str | None = None,
     checks: _Checks | None = None,
+    **shape: Any,
 ) -> status.MailRecord:
     """Validate everything about one mail and return its (unsaved) record. `checks`:
-    the settings of a call validating many mails (send_many), read once."""
+    the settings of a call validating many mails (send_many), read once. `shape`: the
+    richer fields (SHAPE_FIELDS: cc, bcc, reply_to, attachments, tags, metadata,
+    locale, idempotency_key)."""
     checks = checks or _Checks()
     recipients = validate_recipients(to, checks.max_recipients)
+    if shape and not SHAPE_FIELDS.issuperset(shape):  # (a plain mail: no set built)
+        unknown = set(shape) - SHAPE_FIELDS
+        raise InvalidMailError(sorted(unknown)[0], "is not an argument of send_email")
     if not isinstance(subject, str) or not subject.strip():
         raise InvalidMailError("subject", "must be a non-empty string")
     check_header("subject", subject)
@@ -56,11 +72,9 @@ def prepare(
         check_template(template)
         checks.templates.add(template)
     context, context_json = validate_context(context, checks.max_context_bytes)
-    for name, value in (headers or {}).items():
-        check_header_name(name)
-        check_header(f"header {name}", value)
+    headers = check_headers(headers)
     when = resolve_send_at(send_at, delay)
-    return status.MailRecord(
+    record = status.MailRecord(
         id=mail_id or status.new_id(),
         to=recipients,
         subject=subject,
@@ -69,9 +83,46 @@ def prepare(
         context_json=context_json,
         status=status.SCHEDULED if when else status.QUEUED,
         kind=kind,
-        headers=dict(headers or {}),
+        headers=headers,
         send_at=when.isoformat() if when else "",
     )
+    if shape:
+        _add_shape(record, shape, checks)
+        if record.idempotency_key:
+            record.fingerprint = fingerprint(record, send_at, delay)
+    return record
+
+
+SHAPE_FIELDS = frozenset(
+    {"cc", "bcc", "reply_to", "attachments", "tags", "metadata", "locale", "idempotency_key"}
+)
+
+
+def _add_shape(record: status.MailRecord, shape: Mapping[str, Any], checks: _Checks) -> None:
+    record.cc, record.bcc = validate_copies(
+        record.to, shape.get("cc"), shape.get("bcc"), checks.max_recipients
+    )
+    record.reply_to = validate_reply_to(shape.get("reply_to"))
+    if shape.get("attachments") is not None:
+        record.attachments, record.attachment_data = validate_attachments(
+            shape["attachments"], checks.max_attachment_bytes
+        )
+    record.tags = validate_tags(shape.get("tags"))
+    record.metadata = validate_metadata(shape.get("metadata"))
+    record.locale = validate_locale(shape.get("locale"))
+    record.idempotency_key = validate_idempotency_key(shape.get("idempotency_key"))
+
+
+def fingerprint(
+    record: status.MailRecord, send_at: datetime | None, delay: timedelta | float | None
+) -> str:
+    """A digest of what the caller asked for: the same request twice gives the same one."""
+    request = record.to_redis()
+    for name in ("id", "status", "created_at", "updated_at", "send_at"):
+        request.pop(name)
+    request["when"] = send_at.isoformat() if send_at else str(delay or "")
+    request["data"] = hashlib.sha256(record.attachment_data).hexdigest()
+    return hashlib.sha256(_strict_json(request).encode()).hexdigest()
 
 
 class _Checks:
@@ -86,6 +137,7 @@ class _Checks:
         check_header("MAIL_SUBJECT_PREFIX", config["MAIL_SUBJECT_PREFIX"])
         self.max_recipients: int = config["MAIL_MAX_RECIPIENTS"]
         self.max_context_bytes: int = config["MAIL_MAX_CONTEXT_BYTES"]
+        self.max_attachment_bytes: int = config["MAIL_MAX_ATTACHMENT_BYTES"]
         self.templates: set[str] = set()
 
 
@@ -105,7 +157,7 @@ def check_template(template: Any) -> None:
         ) from None
 
 
-RESERVED_CONTEXT_KEYS = frozenset({"template", "template_name_or_list"})
+RESERVED_CONTEXT_KEYS = frozenset({"template", "template_name_or_list", "locale"})
 
 
 def validate_context(context: Mapping[str, Any], max_bytes: int) -> tuple[dict[str, Any], str]:

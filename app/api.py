@@ -24,7 +24,7 @@ from app import digests, status
 from app.digests.periods import _zone_names as zone_names
 from app.errors import InvalidMailError, QueueUnavailableError, SubscriberNotFoundError
 from app.mail import enqueue, prepare
-from app.queues import QUEUE_NAMES, SIZE_NAMES, get_queue, get_redis, queue_sizes
+from app.queues import DEFAULT_PRIORITY, QUEUE_NAMES, SIZE_NAMES, get_queue, get_redis, queue_sizes
 
 log = logging.getLogger("mailqueue.api")
 
@@ -157,7 +157,7 @@ def parse_datetime(name: str, value: str) -> datetime:
         ) from None
 
 
-MAIL_FIELDS = {"to", "subject", "template", "context", "send_at", "delay"}
+MAIL_FIELDS = {"to", "subject", "template", "context", "send_at", "delay", "priority"}
 SUBSCRIBER_FIELDS = {"timezone", "frequency", "hour", "weekday"}
 ITEM_FIELDS = {"title", "url", "body", "kind"}
 
@@ -179,7 +179,11 @@ def post_mail() -> tuple[Response, int]:
     send_at_raw = field(data, "send_at", str, required=False)
     delay = field(data, "delay", (int, float), required=False)
     send_at = parse_datetime("send_at", send_at_raw) if send_at_raw is not None else None
-    record = prepare(to, subject, template, context, send_at=send_at, delay=delay)
+    priority = field(data, "priority", str, required=False)
+    priority = DEFAULT_PRIORITY if priority is None else priority
+    record = prepare(
+        to, subject, template, context, send_at=send_at, delay=delay, priority=priority
+    )
     enqueue([record])
     return jsonify({"id": record.id, "status": record.status}), 202
 

@@ -22,7 +22,7 @@ from app import events, status
 from app.errors import (
     QueueUnavailableError,
 )
-from app.queues import MAIL_QUEUE, get_queue, get_redis, replicate
+from app.queues import PRIORITIES, get_queue, get_redis, replicate, ring
 
 DELIVER_JOB = "jobs.mail.deliver"
 
@@ -30,48 +30,22 @@ DELIVER_JOB = "jobs.mail.deliver"
 def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:
     """Write records and their jobs in one MULTI/EXEC round trip: all or nothing.
 
-    Returns the first record's RQ job (what send_email returns). `reopen`: the
-    records are failed ones an operator re-queues (same id, so the same
-    Message-ID); their old jobs leave RQ's failed registry in the same step.
+    Each record's job goes on its lane's queue (record.priority). Returns the first
+    record's RQ job (what send_email returns). `reopen`: the records are failed ones
+    an operator re-queues (same id, so the same Message-ID); their old jobs leave RQ's
+    failed registry in the same step.
     """
-    queue = get_queue(MAIL_QUEUE)
-    jobs = _DeliverJobs(queue, current_app.config)
-    # New mails to queue now, if more than one: written by a script (_write_queued). One
-    # alone costs Redis less as the plain HSETs below.
-    bulk = [] if reopen else [record for record in records if not record.send_at]
-    bulk = bulk if len(bulk) > 1 else []
+    lanes: dict[str, list[status.MailRecord]] = {}
+    for record in records:
+        lanes.setdefault(record.priority, []).append(record)
     first: Job | None = None
-    ready: list[str] = []  # ids to push on the queue, in order
     try:
         with get_redis().pipeline(transaction=True) as pipe:
             pipe.multi()  # explicit, so RQ's writes add to this transaction as-is
             replicate(pipe)  # accepted = on REDIS_MIN_REPLICAS replicas too
-            for record in records:
-                if bulk and not record.send_at:
-                    ready.append(record.id)
-                    continue
-                if reopen:
-                    status.reopen(pipe, record)
-                    pipe.zrem(queue.failed_job_registry.key, record.id)
-                else:
-                    status.create(pipe, record)
-                if record.send_at:
-                    job = jobs.create(record, JobStatus.SCHEDULED)
-                    schedule(queue, job, datetime.fromisoformat(record.send_at), pipe)
-                else:
-                    job = jobs.create(record, JobStatus.QUEUED)
-                    # What Queue.enqueue_job writes for a job without dependencies, minus
-                    # its per-job SADD, status HSET and RPUSH (one RPUSH below).
-                    queue._prepare_for_queue(job)
-                    pipe.hset(job.key, mapping=job.to_dict())
-                    ready.append(job.id)
-                first = first or job
-            if bulk:
-                job = _write_queued(pipe, jobs, bulk)
-                first = job if bulk[0] is records[0] else first
-            if ready:
-                pipe.sadd(queue.redis_queues_keys, queue.key)
-                pipe.rpush(queue.key, *ready)
+            for priority, lane in lanes.items():
+                job = _queue_lane(pipe, get_queue(PRIORITIES[priority]), lane, reopen)
+                first = job if lane[0] is records[0] else first
             pipe.execute()
     except redis.exceptions.RedisError as err:
         raise QueueUnavailableError(f"Redis unavailable, mail not queued: {err}") from err
@@ -85,6 +59,47 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:
             recipients=len(record.to),
             send_at=record.send_at,
         )
+    assert first is not None
+    return first
+
+
+def _queue_lane(pipe: Any, queue: Queue, records: list[status.MailRecord], reopen: bool) -> Job:
+    """Queue on `pipe` the writes of `records` and their jobs on `queue`; return the
+    first record's job."""
+    jobs = _DeliverJobs(queue, current_app.config)
+    # New mails to queue now, if more than one: written by a script (_write_queued). One
+    # alone costs Redis less as the plain HSETs below.
+    bulk = [] if reopen else [record for record in records if not record.send_at]
+    bulk = bulk if len(bulk) > 1 else []
+    first: Job | None = None
+    ready: list[str] = []  # ids to push on the queue, in order
+    for record in records:
+        if bulk and not record.send_at:
+            ready.append(record.id)
+            continue
+        if reopen:
+            status.reopen(pipe, record)
+            pipe.zrem(queue.failed_job_registry.key, record.id)
+        else:
+            status.create(pipe, record)
+        if record.send_at:
+            job = jobs.create(record, JobStatus.SCHEDULED)
+            schedule(queue, job, datetime.fromisoformat(record.send_at), pipe)
+        else:
+            job = jobs.create(record, JobStatus.QUEUED)
+            # What Queue.enqueue_job writes for a job without dependencies, minus
+            # its per-job SADD, status HSET and RPUSH (one RPUSH below).
+            queue._prepare_for_queue(job)
+            pipe.hset(job.key, mapping=job.to_dict())
+            ready.append(job.id)
+        first = first or job
+    if bulk:
+        job = _write_queued(pipe, jobs, bulk)
+        first = job if bulk[0] is records[0] else first
+    if ready:
+        pipe.sadd(queue.redis_queues_keys, queue.key)
+        pipe.rpush(queue.key, *ready)
+        ring(pipe, len(ready))
     assert first is not None
     return first
 

@@ -17,8 +17,8 @@ from app.errors import (
     UnknownMailError,
 )
 from app.mail.enqueueing import enqueue
-from app.mail.validation import _Checks, prepare
-from app.queues import get_redis
+from app.mail.validation import _Checks, check_priority, prepare
+from app.queues import DEFAULT_PRIORITY, get_redis
 
 
 def send_email(
@@ -28,29 +28,38 @@ def send_email(
     *,
     send_at: datetime | None = None,
     delay: timedelta | float | None = None,
+    priority: str = DEFAULT_PRIORITY,
     **context: Any,
 ) -> Job:
-    """Validate a mail and enqueue it on the `mail` queue; return its RQ job.
+    """Validate a mail and enqueue it on its lane's queue; return its RQ job.
 
     The job id is the mail id (see app.status). `send_at` must be timezone-aware;
-    `delay` is a timedelta or seconds. Raises an InvalidMailError (a ValueError)
+    `delay` is a timedelta or seconds. `priority` is the lane: "high" (a password
+    reset: served before anything else), "normal" (queue `mail`) or "bulk" (served
+    only when nothing else waits). Raises an InvalidMailError (a ValueError)
     naming the problem, or QueueUnavailableError when Redis is down; either way
     nothing is enqueued.
     """
-    record = prepare(to, subject, template, context, send_at=send_at, delay=delay)
+    record = prepare(
+        to, subject, template, context, send_at=send_at, delay=delay, priority=priority
+    )
     return enqueue([record])
 
 
-def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
+def send_many(
+    messages: Iterable[Mapping[str, Any]], *, priority: str = DEFAULT_PRIORITY
+) -> list[str]:
     """Validate and enqueue many mails at once; return their ids, in order.
 
     Each message is a mapping of send_email's arguments: `to`, `subject`,
-    `template`, and optionally `context` (a mapping), `send_at`, `delay`. Every
+    `template`, and optionally `context` (a mapping), `send_at`, `delay`,
+    `priority` (default: the call's `priority`, itself "normal" by default). Every
     message is validated first, as send_email does; a refusal raises the same
     InvalidMailError with its field prefixed by the message's index
     (`messages[3].to`). Then all are written in one MULTI/EXEC: all or nothing.
     Much faster per mail than a loop of send_email (one round trip for all).
     """
+    check_priority(priority)  # the call's default, named `priority`
     checks = _Checks()
     records = []
     for index, message in enumerate(messages):
@@ -72,6 +81,7 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
                     send_at=message.get("send_at"),
                     delay=message.get("delay"),
                     checks=checks,
+                    priority=message.get("priority", priority),
                 )
             )
         except InvalidMailError as err:
@@ -82,7 +92,7 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
     return [record.id for record in records]
 
 
-_MESSAGE_KEYS = frozenset({"to", "subject", "template", "context", "send_at", "delay"})
+_MESSAGE_KEYS = frozenset({"to", "subject", "template", "context", "send_at", "delay", "priority"})
 
 
 def requeue_failed(mail_id: str) -> status.MailRecord:
@@ -108,5 +118,5 @@ def requeue_failed(mail_id: str) -> status.MailRecord:
     record.send_at = ""
     record.last_error = ""
     record.refused = {}
-    enqueue([record], reopen=True)
+    enqueue([record], reopen=True)  # into its own lane (record.priority)
     return record

@@ -22,6 +22,7 @@ from app.errors import (
 )
 from app.mail.addresses import validate_recipients
 from app.mail.headers import check_header, check_header_name
+from app.queues import DEFAULT_PRIORITY, PRIORITIES
 
 TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}(/[a-z0-9][a-z0-9_-]{0,63}){0,3}$")
 MAX_CONTEXT_DEPTH = 20
@@ -42,6 +43,7 @@ def prepare(
     kind: str = "mail",
     mail_id: str | None = None,
     checks: _Checks | None = None,
+    priority: str = DEFAULT_PRIORITY,
 ) -> status.MailRecord:
     """Validate everything about one mail and return its (unsaved) record. `checks`:
     the settings of a call validating many mails (send_many), read once."""
@@ -60,6 +62,7 @@ def prepare(
         check_header_name(name)
         check_header(f"header {name}", value)
     when = resolve_send_at(send_at, delay)
+    check_priority(priority)
     return status.MailRecord(
         id=mail_id or status.new_id(),
         to=recipients,
@@ -71,7 +74,14 @@ def prepare(
         kind=kind,
         headers=dict(headers or {}),
         send_at=when.isoformat() if when else "",
+        priority=priority,
     )
+
+
+def check_priority(priority: object) -> None:
+    """A mail's lane: one of app.queues.PRIORITIES' names."""
+    if not isinstance(priority, str) or priority not in PRIORITIES:
+        raise InvalidMailError("priority", "must be one of " + ", ".join(PRIORITIES))
 
 
 class _Checks:

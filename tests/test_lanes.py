@@ -244,3 +244,33 @@ def test_healthz_and_metrics_show_every_lane(
     body = client.get("/metrics", headers=auth).get_data(as_text=True)
     assert 'mailqueue_queue_depth{queue="mail-bulk"} 1' in body
     assert 'mailqueue_queue_depth{queue="mail-high"} 0' in body
+
+
+def test_an_idle_worker_wakes_for_work_on_any_lane_and_keeps_a_copy(
+    app_ctx: Flask, redis_client: Redis
+) -> None:
+    """The idle pop blocks on the doorbell every enqueue rings, not on one queue: a bulk
+    mail queued while it waits is claimed, into its lane's intermediate list."""
+    from rq.job import Job
+
+    from app.worker import AppQueue
+
+    lanes = [AppQueue(name, connection=redis_client) for name in QUEUE_NAMES]
+    app = app_ctx
+    queued: list[str] = []
+
+    def later() -> None:
+        with app.app_context():
+            queued.append(send_email("ann@example.com", "Hi", "test", priority="bulk").id)
+
+    timer = threading.Timer(0.3, later)
+    timer.start()
+    try:
+        got = AppQueue.dequeue_any(lanes, 5, redis_client, job_class=Job)
+    finally:
+        timer.join()
+    assert got is not None
+    job, queue = got
+    assert (job.id, queue.name) == (queued[0], "mail-bulk")
+    assert redis_client.lrange("rq:queue:mail-bulk:intermediate", 0, -1) == [job.id.encode()]
+    assert redis_client.llen("mq:doorbell") == 0

@@ -30,7 +30,7 @@ from app.errors import (
 )
 from app.mail import enqueue, prepare
 from app.mail.shape import locales
-from app.queues import QUEUE_NAMES, SIZE_NAMES, get_queue, get_redis, queue_sizes
+from app.queues import DEFAULT_PRIORITY, QUEUE_NAMES, SIZE_NAMES, get_queue, get_redis, queue_sizes
 
 log = logging.getLogger("mailqueue.api")
 
@@ -163,7 +163,7 @@ def parse_datetime(name: str, value: str) -> datetime:
         ) from None
 
 
-MAIL_FIELDS = {"to", "subject", "template", "context", "send_at", "delay", "headers"}
+MAIL_FIELDS = {"to", "subject", "template", "context", "send_at", "delay", "headers", "priority"}
 # Passed to prepare() as they come: it checks each (app.mail.shape, app.mail.attachments).
 SHAPE_FIELDS = {"cc", "bcc", "reply_to", "attachments", "tags", "metadata", "locale"}
 SUBSCRIBER_FIELDS = {"timezone", "frequency", "hour", "weekday", "locale"}
@@ -187,6 +187,8 @@ def post_mail() -> tuple[Response, int]:
     send_at_raw = field(data, "send_at", str, required=False)
     delay = field(data, "delay", (int, float), required=False)
     send_at = parse_datetime("send_at", send_at_raw) if send_at_raw is not None else None
+    priority = field(data, "priority", str, required=False)
+    priority = DEFAULT_PRIORITY if priority is None else priority
     shape = {name: data[name] for name in SHAPE_FIELDS if data.get(name) is not None}
     key = request.headers.get("Idempotency-Key")
     if key is not None:
@@ -199,6 +201,7 @@ def post_mail() -> tuple[Response, int]:
         send_at=send_at,
         delay=delay,
         headers=field(data, "headers", dict, required=False),
+        priority=priority,
         **shape,
     )
     enqueue([record])

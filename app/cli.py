@@ -25,7 +25,7 @@ from app.errors import (
 )
 from app.mail import requeue_failed, send_email
 from app.progress import Progress
-from app.queues import MAIL_QUEUE, get_queue, get_redis
+from app.queues import MAIL_QUEUES, PRIORITIES, get_queue, get_redis
 
 mail_cli = AppGroup("mail", help="Transactional mail.")
 digest_cli = AppGroup("digest", help="Scheduled digests.")
@@ -113,18 +113,20 @@ def list_failed() -> None:
             redis_client.zrem(status.FAILED_INDEX, *gone)
     except redis.exceptions.RedisError as err:
         raise click.ClickException(f"Redis unavailable: {err}") from err
-    shown = 0
+    lanes = dict.fromkeys(PRIORITIES, 0)
     for record in records:
         if record is None or record.status != status.FAILED:
             continue
-        shown += 1
+        lanes[record.priority] = lanes.get(record.priority, 0) + 1
         click.echo(
             f"{record.id}  {record.updated_at}  to={','.join(record.to)}  "
-            f"attempts={record.attempts}  {record.last_error or 'no reason recorded'}"
+            f"priority={record.priority}  attempts={record.attempts}  "
+            f"{record.last_error or 'no reason recorded'}"
         )
         for address, reply in record.refused.items():
             click.echo(f"    refused {address}: {reply}")
-    click.echo(f"{shown} failed mail")
+    by_lane = ", ".join(f"{name} {count}" for name, count in lanes.items())
+    click.echo(f"{sum(lanes.values())} failed mail ({by_lane})")
 
 
 @mail_cli.command("retry")
@@ -174,7 +176,7 @@ def purge(days: float) -> None:
     Mail still queued, scheduled or being retried is never purged.
     """
     redis_client = get_redis()
-    failed_registry = get_queue(MAIL_QUEUE).failed_job_registry
+    failed_keys = [get_queue(name).failed_job_registry.key for name in MAIL_QUEUES]
     cutoff = datetime.now(UTC) - timedelta(days=days)
     scanned = purged = 0
     try:
@@ -187,7 +189,8 @@ def purge(days: float) -> None:
                     if not record.updated_at or datetime.fromisoformat(record.updated_at) > cutoff:
                         continue
                     status.delete(pipe, record.id)
-                    pipe.zrem(failed_registry.key, record.id)
+                    for failed_key in failed_keys:
+                        pipe.zrem(failed_key, record.id)
                     pipe.delete(Job.key_for(record.id), Result.get_key(record.id))
                     purged += 1
                 pipe.execute()

@@ -7,8 +7,11 @@ functions run on a pool of threads ("slots"), each mail over an SMTP connection
 of its own from the Mailer's pool (app/smtp.py):
 
 - a free slot is filled from the worker's queues in their listen order (the
-  first that has work), with the crash-safe claim (LMOVE into the queue's
-  intermediate list) and the start of app/leanworker.py: the job is in the
+  first that has work: the lanes, app.queues.QUEUE_NAMES), with the crash-safe
+  claim (LMOVE into the queue's intermediate list) and the start of
+  app/leanworker.py, whose round trip also says whether a lane above the jobs
+  claimed ahead got work (those then go back, and the next claim starts at the
+  top): the job is in the
   started registry, with an execution of its own, before its function runs, and
   leaves it only when RQ records its end, so the registries name every job in
   flight;
@@ -261,6 +264,9 @@ class InFlight(LeanJobs):
             if not claimed:
                 self._claimed_at = moment
             claimed += got
+            # Highest lane first: the next free slot goes to it (a stable sort keeps
+            # each lane's order).
+            claimed.sort(key=lambda pair: self.lane_of(pair[1]))
 
     def _claim_any(self, count: int) -> list[tuple[LeanJob, Queue]]:
         """Up to `count` more jobs, from the first of the worker's queues that has work."""
@@ -275,11 +281,22 @@ class InFlight(LeanJobs):
         the mails in one round trip) and hand each to a slot."""
         batch, claimed[:count] = claimed[:count], []
         lean = [(job, queue) for job, queue in batch if _is_lean(job, self.default_result_ttl)]
+        # The lane check (app/leanworker.py, _start_many): lanes above the lowest of the
+        # jobs left claimed, which are started next unless a higher lane has work.
+        above = max((self.lane_of(queue) for _job, queue in claimed), default=0)
         try:
-            executions = self._start_many(lean) if lean else []
+            executions = self._start_many(lean, above) if lean else []
         except redis.exceptions.RedisError:
             self._release_claimed(batch)  # those it did not start
             raise
+        waiting = self.waiting_lane if lean else None
+        if waiting is not None:
+            # A higher lane got work: the claimed jobs below it go back to their queue's
+            # head, and the next claim (now, not after EMPTY_BACKOFF) starts at the top.
+            lower = [(job, queue) for job, queue in claimed if self.lane_of(queue) > waiting]
+            claimed[:] = [pair for pair in claimed if pair not in lower]
+            self._release_claimed(lower)
+            self._next_claim = 0.0
         for (job, queue), execution in zip(lean, executions, strict=True):
             job.carries_sent = True
             self._hand_over(job, queue, execution)

@@ -20,8 +20,8 @@ lines per job. This mixin (AppWorker's base, before SimpleWorker) cuts:
   registry entry removed, job hash deleted, worker idle) in one MULTI/EXEC,
   without the reads, and without the job's last heartbeat write just before it;
 - and for those jobs, round trips between jobs: when the worker pops one, it
-  claims up to BATCH_SIZE - 1 more from the same queue in one LMOVE script (into
-  the intermediate list, as every pop) and runs them one after the other, each
+  claims up to BATCH_SIZE - 1 more from its lane or higher ones (app/scripts.py,
+  claim: LMOVE into the intermediate list, as every pop) and runs them one after the other, each
   through RQ's own perform_job (its timeout, failure and retry handling
   unchanged). A job moves from the intermediate list to the started registry
   in one atomic step that also writes the previous job's success (and sends
@@ -34,7 +34,11 @@ lines per job. This mixin (AppWorker's base, before SimpleWorker) cuts:
   costs one round trip in all. Only the running job is ever in the
   started registry; the claimed ones wait in the intermediate list, where a
   dead worker's are re-queued by maintenance; a warm shutdown, or a batch that
-  has run BATCH_SECONDS, puts the unstarted ones back at the head of the queue.
+  has run BATCH_SECONDS, puts the unstarted ones back at the head of the queue;
+- lanes (app.queues.QUEUE_NAMES, listen order = priority): the round trip that
+  starts a mail also asks whether a lane above the next claimed job's has work;
+  if one has, the batch ends there and its unstarted jobs go back, so a mail of a
+  higher lane waits behind at most the one mail being started.
 
 Every guarantee stays: jobs still move queue -> intermediate list -> started
 registry atomically, run under the death penalty (job timeout), fail and retry
@@ -59,7 +63,8 @@ from rq.worker import BaseWorker, WorkerStatus
 
 from app.leanjob import LeanJob
 from app.mail import DELIVER_JOB
-from app.scripts import CLAIM, PUT_BACK, run_as_script
+from app.queues import ring
+from app.scripts import HIGHER_WAITING, PUT_BACK, claim, run_as_script
 from jobs.mail import queue_claim, write_sent
 
 # Job functions whose success needs no RQ reads: they never have dependents,
@@ -130,6 +135,8 @@ class LeanJobs(BaseWorker):
         if self.job_class is Job:
             self.job_class = LeanJob
         self._in_batch = False
+        # Set by each start (_start_many): a lane above the claimed jobs' that has work.
+        self.waiting_lane: int | None = None
         # Lean jobs that succeeded, whose success (and their mails' `sent`) is written with
         # the next registration.
         self._pending: list[_Pending] = []
@@ -141,32 +148,38 @@ class LeanJobs(BaseWorker):
             super().execute_job(job, queue)
             return
         claimed = time.monotonic()
-        jobs = [job, *self._claim(queue, BATCH_SIZE - 1)]
+        # More from the job's lane or a higher one (whose jobs CLAIM takes first); the
+        # lane check below ends the batch when a higher lane gets work meanwhile.
+        lanes = self.queues[: self.lane_of(queue) + 1]
+        jobs = [(job, queue), *self.claim_from(lanes, BATCH_SIZE - 1)]
         done = 0
         self._in_batch = True
         try:
-            for current in jobs:
+            for current, lane in jobs:
                 if self._stop_requested or (done and time.monotonic() - claimed > BATCH_SECONDS):
                     break
                 done += 1
                 if _is_lean(current, self.default_result_ttl):
-                    self._start(current, queue)
+                    after = jobs[done][1] if done < len(jobs) else None
+                    # Before each mail: does a lane above the next claimed job's have work?
+                    self._start(current, lane, above=self.lane_of(after) if after else 0)
                     if isinstance(current, LeanJob):
                         current.carries_sent = True
-                    self.perform_job(current, queue)
-                    if self._end_batch_after(current):
+                    self.perform_job(current, lane)
+                    if self._end_batch_after(current) or self.waiting_lane is not None:
                         break
                 else:
                     self._flush()
-                    super().execute_job(current, queue)  # not ours: RQ's own way
+                    super().execute_job(current, lane)  # not ours: RQ's own way
             self._flush(idle=True)
         finally:
             self._in_batch = False
             if done < len(jobs):
-                # Stop requested, batch time spent, or an error escaped RQ's handling:
-                # the jobs not started go back to the head of their queue.
+                # Stop requested, batch time spent, a higher lane has work, or an error
+                # escaped RQ's handling: the jobs not started go back to the head of
+                # their queue (and the worker's next pop starts at the highest lane).
                 try:
-                    self._release([(job, queue) for job in jobs[done:]])
+                    self._release(jobs[done:])
                 except redis.exceptions.RedisError as err:
                     # They stay in the intermediate list: maintenance re-queues them.
                     self.log.warning(
@@ -180,38 +193,33 @@ class LeanJobs(BaseWorker):
         """Whether the batch should stop after `job` (app/inflight.py: a slow server)."""
         return False
 
-    def _claim(self, queue: Queue, count: int) -> list[Job]:
-        """Up to `count` more jobs of `queue`, moved to its intermediate list."""
-        return [job for job, _queue in self.claim_from([queue], count)]
+    def lane_of(self, queue: Queue) -> int:
+        """The queue's place in the worker's listen order (0: the highest lane)."""
+        for index, listened in enumerate(self.queues):
+            if listened.name == queue.name:
+                return index
+        return len(self.queues)
 
     def claim_from(self, queues: Sequence[Queue], count: int) -> list[tuple[Job, Queue]]:
         """Up to `count` more jobs from the first of `queues` that has work (then the
-        next), each moved to its queue's intermediate list (where maintenance finds it
-        if the worker dies before starting it), with its hash: one round trip."""
-        keys: list[str] = []
-        for queue in queues:
-            keys += [queue.key, queue.intermediate_queue_key]
-        prefix = self.job_class.redis_job_namespace_prefix
-        raw: Any = self.connection.eval(CLAIM, len(keys), *keys, str(count), prefix)
-        claimed: list[tuple[Job, Queue]] = []
-        for start in range(0, len(raw or ()), 3):
-            index, job_id, flat = raw[start : start + 3]
-            # What Job.fetch_many builds from the hash it reads.
-            job = self.job_class(job_id.decode(), self.connection, serializer=self.serializer)
-            job.restore(dict(zip(flat[0::2], flat[1::2], strict=True)))
-            claimed.append((job, queues[int(index) - 1]))
-        return claimed
+        next), crash-safely, in one round trip (app/scripts.py, claim)."""
+        return claim(self.connection, queues, count, self.job_class, self.serializer)
 
-    def _start(self, job: Job, queue: Queue) -> None:
+    def _start(self, job: Job, queue: Queue, above: int = 0) -> None:
         """Start one job (see _start_many); it is then `self.execution`."""
-        self.execution = self._start_many([(job, queue)])[0]
+        self.execution = self._start_many([(job, queue)], above)[0]
 
-    def _start_many(self, jobs: Sequence[tuple[Job, Queue]]) -> list[Execution]:
+    def _start_many(self, jobs: Sequence[tuple[Job, Queue]], above: int = 0) -> list[Execution]:
         """Intermediate list -> started registry for each job, atomically (one script
         each) and the first atomically with the pending successes: what
         prepare_execution and prepare_job_execution write (and the PERSIST that
         Job.perform would send on its own); each job's FIRST_STEPS step follows its
-        start. All in one round trip; returns each job's execution."""
+        start. All in one round trip; returns each job's execution.
+
+        The lane check rides on that round trip: `waiting_lane` is then the index of
+        the first of the worker's first `above` queues that has a job waiting (None if
+        none), so the caller starts no claimed job of a lower lane (app/scripts.py,
+        HIGHER_WAITING) and claims again from the top instead."""
         executions: list[Execution] = []
         steps: list[tuple[LeanJob, int]] = []  # a job, and its first step's reply index
         with self.connection.pipeline(False) as pipeline:
@@ -244,7 +252,11 @@ class LeanJobs(BaseWorker):
                     if first_step is not None:
                         first_step(pipeline, job)
                         steps.append((job, len(pipeline.command_stack) - 1))
+            if above > 0:
+                higher = [queue.key for queue in self.queues[:above]]
+                pipeline.eval(HIGHER_WAITING, len(higher), *higher)
             replies = self._execute(pipeline, carried)
+        self.waiting_lane = int(replies[-1]) - 1 if above > 0 and replies[-1] else None
         for job, _queue in jobs:
             if isinstance(job, LeanJob):
                 job.persisted = True
@@ -321,6 +333,7 @@ class LeanJobs(BaseWorker):
                 seen_key = queue.intermediate_queue.get_first_seen_key(job.id)
                 keys = (queue.intermediate_queue_key, queue.key, seen_key)
                 pipeline.eval(PUT_BACK, 3, *keys, job.id)
+            ring(pipeline, len(claimed))  # another idle worker may take them now
             self._execute(pipeline, carried)
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:

@@ -37,10 +37,33 @@ from rq.serializers import JSONSerializer
 from app.errors import ConfigError, NotReplicatedError
 
 MAIL_QUEUE = "mail"
+MAIL_HIGH_QUEUE = "mail-high"
+MAIL_BULK_QUEUE = "mail-bulk"
 DIGEST_QUEUE = "digests"
-QUEUE_NAMES = (MAIL_QUEUE, DIGEST_QUEUE)
+# Mail lanes: a mail's `priority` -> its queue (docs/api.md, "Priority lanes").
+PRIORITIES = {"high": MAIL_HIGH_QUEUE, "normal": MAIL_QUEUE, "bulk": MAIL_BULK_QUEUE}
+DEFAULT_PRIORITY = "normal"
+MAIL_QUEUES = tuple(PRIORITIES.values())
+# Every queue, in the order a worker serves them (the Procfile's worker line): strictly
+# highest first, digests (due at a local hour) ahead of bulk mail.
+QUEUE_NAMES = (MAIL_HIGH_QUEUE, MAIL_QUEUE, DIGEST_QUEUE, MAIL_BULK_QUEUE)
 
 EXTENSION = "mailqueue.redis"
+
+# Idle workers block on this list, not on a queue: a blocking pop waits on one key, and
+# a worker blocked on its highest lane would not see work arrive on the others (nor would
+# two idle workers share a burst: the first to poll would claim all of it). Every push of
+# jobs onto a queue by this app rings it (ring), one entry a job up to DOORBELL_CAP; an
+# entry only wakes a worker, which then claims across all lanes (app/scripts.py, claim),
+# so a lost or extra entry costs a wait of POLL_SECONDS or one empty claim, never a job.
+DOORBELL = "mq:doorbell"
+DOORBELL_CAP = 32
+
+
+def ring(pipe: Any, jobs: int = 1) -> None:
+    """Queue on `pipe` the wake-up of up to `jobs` idle workers (DOORBELL)."""
+    pipe.lpush(DOORBELL, *["1"] * max(1, min(jobs, DOORBELL_CAP)))
+    pipe.ltrim(DOORBELL, 0, DOORBELL_CAP - 1)
 
 
 def _remember_resolved_serializers() -> None:
@@ -258,12 +281,25 @@ def get_redis(app: Flask | None = None) -> Redis:
     return _state(app).redis
 
 
+class RingingQueue(Queue):
+    """An RQ Queue whose pushes (RQ's enqueue, a retry without delay) ring DOORBELL."""
+
+    def push_job_id(self, job_id: str, pipeline: Any = None, at_front: bool = False) -> None:
+        super().push_job_id(job_id, pipeline=pipeline, at_front=at_front)
+        if pipeline is not None:
+            ring(pipeline)
+        else:
+            with self.connection.pipeline(transaction=False) as pipe:
+                ring(pipe)
+                pipe.execute()
+
+
 def get_queue(name: str = MAIL_QUEUE, app: Flask | None = None) -> Queue:
     """A cached Queue, so RQ's per-queue lookups (server version) happen once."""
     state = _state(app)
     queue = state.queues.get(name)
     if queue is None:
-        queue = Queue(name, connection=state.redis, serializer=JSONSerializer)
+        queue = RingingQueue(name, connection=state.redis, serializer=JSONSerializer)
         state.queues[name] = queue
     return queue
 

@@ -7,9 +7,12 @@ reads in one place.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from redis.client import Pipeline
+from rq.job import Job
+from rq.queue import Queue
 
 # KEYS: intermediate list, queue, the id's first-seen mark. ARGV: a job id. Moves it
 # back to the head of the queue only if it is still in the list (whoever moves it first).
@@ -45,6 +48,39 @@ for k = 1, #KEYS, 2 do
 end
 return out
 """
+
+# KEYS: queues, highest lane first. The 1-based index of the first that has a job
+# waiting, 0 if none: sent in the round trip that starts jobs, so a worker learns that
+# a higher lane got work before it starts the lower-lane jobs it claimed ahead.
+HIGHER_WAITING = """
+for i = 1, #KEYS do
+  if redis.call('LLEN', KEYS[i]) > 0 then return i end
+end
+return 0
+"""
+
+
+def claim(
+    connection: Any, queues: Sequence[Queue], count: int, job_class: type[Job], serializer: Any
+) -> list[tuple[Job, Queue]]:
+    """Up to `count` jobs from the first of `queues` that has work (then the next), each
+    moved to its queue's intermediate list (where maintenance finds it if the worker
+    dies before starting it), with its hash: one round trip (CLAIM). The one claim of
+    both worker modes and of the idle worker's pop (AppQueue.dequeue_any), so every
+    pop across lanes is an LMOVE, never RQ's BLPOP."""
+    keys: list[str] = []
+    for queue in queues:
+        keys += [queue.key, queue.intermediate_queue_key]
+    prefix = job_class.redis_job_namespace_prefix
+    raw: Any = connection.eval(CLAIM, len(keys), *keys, str(count), prefix)
+    claimed: list[tuple[Job, Queue]] = []
+    for start in range(0, len(raw or ()), 3):
+        index, job_id, flat = raw[start : start + 3]
+        # What Job.fetch_many builds from the hash it reads.
+        job = job_class(job_id.decode(), connection, serializer=serializer)
+        job.restore(dict(zip(flat[0::2], flat[1::2], strict=True)))
+        claimed.append((job, queues[int(index) - 1]))
+    return claimed
 
 
 def run_as_script(pipeline: Any, writes: Pipeline) -> None:

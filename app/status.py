@@ -76,6 +76,8 @@ class MailRecord:
     kind: str = "mail"
     headers: dict[str, str] = field(default_factory=dict)
     send_at: str = ""
+    # The lane (app.queues.PRIORITIES): its job's queue, and the one a re-queue uses.
+    priority: str = "normal"
     created_at: str = ""
     updated_at: str = ""
     sent_at: str = ""
@@ -116,6 +118,7 @@ class MailRecord:
             "kind": self.kind,
             "headers": json.dumps(self.headers) if self.headers else "{}",
             "send_at": self.send_at,
+            "priority": self.priority,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "sent_at": self.sent_at,
@@ -152,6 +155,7 @@ class MailRecord:
             kind=data.get("kind", "mail"),
             headers=json.loads(data.get("headers") or "{}"),
             send_at=data.get("send_at", ""),
+            priority=data.get("priority") or "normal",
             created_at=data.get("created_at", ""),
             updated_at=data.get("updated_at", ""),
             sent_at=data.get("sent_at", ""),
@@ -170,6 +174,7 @@ class MailRecord:
             "to": self.to,
             "subject": self.subject,
             "template": self.template,
+            "priority": self.priority,
             "attempts": self.attempts,
             "created_at": self.created_at,
             "updated_at": self.updated_at,

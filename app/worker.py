@@ -11,7 +11,10 @@
 - Dequeues crash-safely from several queues: RQ pops with BLPOP when a worker
   listens on more than one queue, so a worker killed in that instant loses the
   job. Here every pop is an LMOVE into RQ's per-queue intermediate list, which
-  RQ's maintenance pass re-queues from if the worker dies.
+  RQ's maintenance pass re-queues from if the worker dies; one script claims from
+  the first queue in listen order that has work, so the Procfile's order is the
+  lanes' priority (mail-high, mail, digests, mail-bulk), and an idle worker blocks
+  on a doorbell rung by every enqueue (app.queues.DOORBELL), not on one queue.
 - Runs that maintenance pass every WORKER_MAINTENANCE_INTERVAL seconds (RQ's
   default is 600), idle or busy, so a killed worker's job is retried within
   minutes (README, "Reliability", has the bound), and makes the mail record tell
@@ -48,8 +51,15 @@ from app.errors import ConfigError
 from app.inflight import InFlight
 from app.leanworker import BATCH_SECONDS
 from app.mail import DELIVER_JOB
-from app.queues import MAIL_QUEUE, get_redis, route_rq_cli_to_the_app_redis
-from app.scripts import PUT_BACK
+from app.queues import (
+    DOORBELL,
+    MAIL_QUEUES,
+    RingingQueue,
+    get_redis,
+    ring,
+    route_rq_cli_to_the_app_redis,
+)
+from app.scripts import PUT_BACK, claim
 
 # `rq worker` reads REDIS_URL from the environment before it builds this class:
 # let it see the same `.env` the app reads (this pushes no app context), and the
@@ -59,8 +69,8 @@ route_rq_cli_to_the_app_redis()
 
 log = logging.getLogger("mailqueue.worker")
 
-# How long one blocking pop on the first queue waits before the others are polled again.
-POLL_SECONDS = 1.0
+# How long an idle worker waits on the DOORBELL before it claims across all lanes again.
+POLL_SECONDS = 0.25
 # Redis socket timeout: our pops block POLL_SECONDS at most (RQ would set ~7 minutes).
 REDIS_SOCKET_TIMEOUT = 10
 # RQ holds its per-queue maintenance lock 899 s: a worker killed mid-pass would stop
@@ -74,7 +84,7 @@ JOB_GRACE_SECONDS = status.LEASE_GRACE_SECONDS
 RECONCILED_KEY = "mq:reconciled:{}"
 
 
-class AppQueue(Queue):
+class AppQueue(RingingQueue):
     """A Queue whose multi-queue pop never leaves a job only in a worker's memory."""
 
     def acquire_maintenance_lock(self) -> bool:
@@ -92,42 +102,23 @@ class AppQueue(Queue):
         serializer: Any = None,
         death_penalty_class: Any = None,
     ) -> tuple[Job, Queue] | None:
+        """One job from the highest lane that has work (the worker's listen order), by
+        the claim script (LMOVE, app/scripts.py). With none, block on the DOORBELL, which
+        every enqueue rings, for POLL_SECONDS at most (work that arrives without a ring,
+        e.g. a deferred mail's due move, is seen then), and claim across all lanes again."""
         queues = list(queues)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            for queue in queues:
-                job_id = connection.lmove(queue.key, queue.intermediate_queue_key)
-                if job_id is None:
-                    continue
-                job = _fetch(job_id, queue, connection, job_class, serializer)
-                if job is not None:
-                    return job, queue
+            got = claim(connection, queues, 1, job_class or Job, serializer)
+            if got:
+                return got[0]
             if deadline is None:
                 return None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DequeueTimeout(timeout, [q.key for q in queues])
-            first = queues[0]
             wait: Any = min(POLL_SECONDS, remaining)  # redis-py types say int; Redis takes seconds
-            job_id = connection.blmove(first.key, first.intermediate_queue_key, wait)
-            if job_id is not None:
-                job = _fetch(job_id, first, connection, job_class, serializer)
-                if job is not None:
-                    return job, first
-
-
-def _fetch(
-    raw_id: Any, queue: Queue, connection: Redis, job_class: Any, serializer: Any
-) -> Job | None:
-    """Load a popped job; drop the id of one whose data is gone."""
-    job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-    job_cls: Any = job_class or Job
-    try:
-        job: Job = job_cls.fetch(job_id, connection=connection, serializer=serializer)
-    except NoSuchJobError:
-        connection.lrem(queue.intermediate_queue_key, 1, job_id)
-        return None
-    return job
+            connection.blpop([DOORBELL], wait)
 
 
 class AppWorker(InFlight, SimpleWorker):
@@ -253,7 +244,7 @@ class AppWorker(InFlight, SimpleWorker):
                 clean_registries(queue, self._exc_handlers)
                 worker_registration.clean_worker_registry(queue)
                 self.requeue_stranded(queue)
-                if queue.name == MAIL_QUEUE:
+                if queue.name in MAIL_QUEUES:
                     self.reconcile_failed(queue)
             finally:
                 queue.release_maintenance_lock()
@@ -270,7 +261,7 @@ class AppWorker(InFlight, SimpleWorker):
         (app/leanworker.py) may wait behind one slow job for its whole timeout.
         """
         grace = max(10, self.maintenance_interval)
-        if queue.name == MAIL_QUEUE:
+        if queue.name in MAIL_QUEUES:
             grace = max(grace, self.app.config["MAIL_JOB_TIMEOUT"] + int(BATCH_SECONDS) + 10)
         stranded: Any = self.connection.lrange(queue.intermediate_queue_key, 0, -1)
         for raw in stranded:
@@ -289,6 +280,9 @@ class AppWorker(InFlight, SimpleWorker):
                 continue
             keys = [queue.intermediate_queue_key, queue.key, seen_key]
             if self.connection.eval(PUT_BACK, 3, *keys, job_id):
+                with self.connection.pipeline(transaction=False) as pipe:
+                    ring(pipe)
+                    pipe.execute()
                 self.log.warning("Worker %s: re-queued stranded job %s", self.name, job_id)
 
     def reconcile_failed(self, queue: Queue) -> None:

@@ -136,6 +136,11 @@ class SinkClient:
         dump: dict[str, list[float]] = self._ask("DUMP")
         return dump
 
+    def seen(self, message_id: str) -> list[float] | None:
+        """[when accepted (time.monotonic()), times] for one Message-ID, or None."""
+        entry: list[float] | None = self._ask(f"SEEN {message_id}")
+        return entry
+
     def reset(self) -> None:
         self._ask("RESET")
 

@@ -43,7 +43,7 @@ from typing import Any
 
 import psutil
 
-from bench import lag, profile, workload
+from bench import lag, lanes, profile, workload
 from bench.procs import Child, SinkClient, run_json, wait_until
 from tests.servers import RedisServer, free_port
 
@@ -112,6 +112,7 @@ class Report:
     args: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
     lag_rows: list[Row] = field(default_factory=list)  # bench/lag.py
+    lanes: list[lanes.LanesResult] = field(default_factory=list)  # bench/lanes.py
     micro: Micro = field(default_factory=Micro)
     pids: list[int] = field(default_factory=list)  # every process the run started (all stopped)
 
@@ -640,6 +641,12 @@ def run(args: argparse.Namespace) -> tuple[Report, Path]:
             row = make()
             _log(f"  {row.received}/{row.sent} mails, {row.rate:.0f}/s, {row.connections} conns")
             report.lag_rows.append(row)
+        if "lanes" in selected:
+            for at in (0.0, args.lanes_lag_ms):
+                _log(f"lanes at lag {at:g} ms: {args.lanes_backlog:,} bulk mails")
+                result = lanes.measure(bench, at, args.lanes_backlog)
+                _log(f"  {result.latencies_ms}, bulk {result.bulk_rate:.0f}/s")
+                report.lanes.append(result)
     finally:
         bench.close()
     report.pids = sorted(bench.pids)
@@ -710,6 +717,7 @@ def render(report: Report) -> str:
         )
     lines += budget(report)
     lines += lag.render(report.lag_rows)
+    lines += lanes.render(report.lanes)
     for r in rows:
         if r.profile:
             lines += ["", profile.render(f"Profile of ({r.key})", r.profile, r.cpu_ms)]
@@ -793,8 +801,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--rows",
-        default="micro,e,e0,a,b,c,p,f,d,lag",
-        help="comma-separated rows: micro,e,e0,a,b,c,p,f,d,lag (default: all)",
+        default="micro,e,e0,a,b,c,p,f,d,lag,lanes",
+        help="comma-separated rows: micro,e,e0,a,b,c,p,f,d,lag,lanes (default: all)",
     )
     parser.add_argument(
         "--lag-ms",
@@ -808,6 +816,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=lambda s: [k for k in s.split(",") if k],
         default=list(lag.KINDS),
         help=f"rows of the lag table (default all: {','.join(lag.KINDS)})",
+    )
+    parser.add_argument(
+        "--lanes-backlog",
+        type=int,
+        default=lanes.LANES_BACKLOG,
+        help=f"bulk mails queued in the lanes row (default {lanes.LANES_BACKLOG:,})",
+    )
+    parser.add_argument(
+        "--lanes-lag-ms",
+        type=float,
+        default=lanes.LANES_LAG_MS,
+        help=f"the lanes row's lag besides loopback (default {lanes.LANES_LAG_MS:g})",
     )
     parser.add_argument("--lag-n", type=int, default=1000, help="mails per lag row (default 1000)")
     parser.add_argument(

@@ -159,7 +159,7 @@ class SMTPSession(asyncio.Protocol):
 
 
 class Control(asyncio.Protocol):
-    """STATS / DUMP / RESET, one command per line, one JSON line back."""
+    """STATS / DUMP / SEEN <Message-ID> / LAG ms / RESET: one command a line, one JSON line back."""
 
     def __init__(self, stats: Stats) -> None:
         self.stats = stats
@@ -185,6 +185,8 @@ class Control(asyncio.Protocol):
                 }
             elif command == b"DUMP":
                 reply = {k.decode(): v for k, v in self.stats.seen.items()}
+            elif command.startswith(b"SEEN "):
+                reply = self.stats.seen.get(line.strip()[5:])  # [accepted, times] or null
             elif command.startswith(b"LAG "):
                 self.stats.lag = float(command[4:]) / 1000
                 reply = {"lag_ms": self.stats.lag * 1000}

@@ -16,7 +16,7 @@ from redis import Redis
 from app import create_app, queues, smtp
 from app.config import SPEC
 from app.devsink import make_controller
-from app.queues import get_redis
+from app.queues import QUEUE_NAMES, get_redis
 from app.smtp import get_mailer
 from app.worker import AppWorker
 from tests.servers import RedisServer, SMTPServer, free_port
@@ -138,9 +138,7 @@ def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_TOKEN}"}
 
 
-def run_worker(
-    queues: tuple[str, ...] = ("mail", "digests"), *, with_scheduler: bool = False
-) -> AppWorker:
+def run_worker(queues: tuple[str, ...] = QUEUE_NAMES, *, with_scheduler: bool = False) -> AppWorker:
     """Work every queued job in this process, as `rq worker --burst` would (with RQ's
     scheduler pass first if asked: due scheduled jobs and retries are queued too)."""
     worker = AppWorker(list(queues))

@@ -18,8 +18,10 @@ from redis.connection import AbstractConnection
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
+from app.queues import QUEUE_NAMES
 
-def scheduler_pass(redis: Redis, queues: tuple[str, ...] = ("mail", "digests")) -> None:
+
+def scheduler_pass(redis: Redis, queues: tuple[str, ...] = QUEUE_NAMES) -> None:
     """One pass of RQ's scheduler (what `rq worker --with-scheduler` runs every second):
     move every due job of the ScheduledJobRegistry onto its queue."""
     scheduler = RQScheduler(list(queues), connection=redis, serializer=JSONSerializer)

@@ -24,7 +24,7 @@ def test_bench_runs_every_row_with_tiny_n_and_cleans_up() -> None:
     done = subprocess.run(
         [
             sys.executable, "-m", "bench", "-n", "20", "--workers", "1", "--subscribers", "20",
-            "--attachment-n", "20",
+            "--attachment-n", "20", "--lanes-backlog", "200",
             "--bulk", "200", "--micro-calls", "50", "--timeout", "60", "--stall", "15",
             "--lag-ms", "20", "--lag-n", "20", "--lag-subscribers", "20",
         ],

@@ -44,7 +44,7 @@ def test_failed_lists_each_mail_with_its_reason(
     code, output = cli(app_ctx, "failed")
     assert code == 0
     lines = output.splitlines()
-    assert lines[-1] == "2 failed mail"
+    assert lines[-1] == "2 failed mail (high 0, normal 2, bulk 0)"
     for mail_id in ids:
         [line] = [line for line in lines if line.startswith(mail_id)]
         assert "550 5.1.1 mailbox unavailable" in line and "attempts=1" in line
@@ -56,7 +56,7 @@ def test_failed_drops_index_entries_of_expired_records(
     [mail_id] = failed_mail(app_ctx, smtp_server, work, 1)
     redis_client.delete(status.key(mail_id))  # as its TTL would
     code, output = cli(app_ctx, "failed")
-    assert (code, output.splitlines()[-1]) == (0, "0 failed mail")
+    assert (code, output.splitlines()[-1]) == (0, "0 failed mail (high 0, normal 0, bulk 0)")
     assert redis_client.zcard(status.FAILED_INDEX) == 0
 
 

@@ -46,7 +46,7 @@ def test_an_idle_service(client: Any, auth: dict[str, str]) -> None:
     assert samples == {
         **{f'mailqueue_queue_{g}{{queue="{q}"}}': 0.0 for g in (
             "depth", "scheduled", "started", "failed", "oldest_age_seconds"
-        ) for q in ("mail", "digests")},
+        ) for q in ("mail-high", "mail", "digests", "mail-bulk")},
         "mailqueue_workers": 0.0,
     }  # fmt: skip
     body = client.get("/metrics", headers=auth).get_data(as_text=True)

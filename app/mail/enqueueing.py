@@ -23,7 +23,7 @@ from app.errors import (
     QueueUnavailableError,
 )
 from app.mail import attachments, idempotency
-from app.queues import MAIL_QUEUE, get_queue, get_redis, replicate
+from app.queues import PRIORITIES, get_queue, get_redis, replicate, ring
 
 DELIVER_JOB = "jobs.mail.deliver"
 
@@ -31,14 +31,13 @@ DELIVER_JOB = "jobs.mail.deliver"
 def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:
     """Write records and their jobs in one MULTI/EXEC round trip: all or nothing.
 
-    Returns the first record's RQ job (what send_email returns). `reopen`: the
-    records are failed ones an operator re-queues (same id, so the same
-    Message-ID); their old jobs leave RQ's failed registry in the same step.
-    A record with an idempotency key that names an earlier mail of the same
-    request takes that mail's id, is marked `replayed` and writes nothing.
+    Each record's job goes on its lane's queue (record.priority). Returns the first
+    record's RQ job (what send_email returns). `reopen`: the records are failed ones
+    an operator re-queues (same id, so the same Message-ID); their old jobs leave RQ's
+    failed registry in the same step. A record with an idempotency key that names an
+    earlier mail of the same request takes that mail's id, is marked `replayed` and
+    writes nothing.
     """
-    queue = get_queue(MAIL_QUEUE)
-    jobs = _DeliverJobs(queue, current_app.config)
     keyed = [record for record in records if record.idempotency_key]
     first: Job | None = None
     fresh: list[status.MailRecord] = []
@@ -54,7 +53,7 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:
                         idempotency.queue_set(
                             pipe, claimed, current_app.config["MAIL_IDEMPOTENCY_TTL"]
                         )
-                        first = _queue_writes(pipe, queue, jobs, fresh, reopen)
+                        first = _queue_lanes(pipe, fresh, reopen)
                     pipe.execute()
                     break
                 except redis.exceptions.WatchError:
@@ -80,14 +79,28 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:
             ),
         )
     if first is None or records[0].replayed:
+        queue = get_queue(PRIORITIES[records[0].priority])
         return Job(records[0].id, connection=get_redis(), serializer=queue.serializer)
     return first
 
 
-def _queue_writes(
-    pipe: Any, queue: Queue, jobs: _DeliverJobs, records: list[status.MailRecord], reopen: bool
-) -> Job:
-    """Queue on `pipe` the writes of `records` and their jobs; return the first's job."""
+def _queue_lanes(pipe: Any, records: list[status.MailRecord], reopen: bool) -> Job:
+    """Queue on `pipe` each lane's records on its queue; return the first record's job."""
+    lanes: dict[str, list[status.MailRecord]] = {}
+    for record in records:
+        lanes.setdefault(record.priority, []).append(record)
+    first: Job | None = None
+    for priority, lane in lanes.items():
+        job = _queue_lane(pipe, get_queue(PRIORITIES[priority]), lane, reopen)
+        first = job if lane[0] is records[0] else first
+    assert first is not None
+    return first
+
+
+def _queue_lane(pipe: Any, queue: Queue, records: list[status.MailRecord], reopen: bool) -> Job:
+    """Queue on `pipe` the writes of `records` and their jobs on `queue`; return the
+    first record's job."""
+    jobs = _DeliverJobs(queue, current_app.config)
     # New mails to queue now, if more than one: written by a script (_write_queued). One
     # alone costs Redis less as the plain HSETs below.
     bulk = [] if reopen else [record for record in records if not record.send_at]
@@ -122,6 +135,7 @@ def _queue_writes(
     if ready:
         pipe.sadd(queue.redis_queues_keys, queue.key)
         pipe.rpush(queue.key, *ready)
+        ring(pipe, len(ready))
     assert first is not None
     return first
 

@@ -18,8 +18,8 @@ from app.errors import (
 )
 from app.mail.attachments import Attachment
 from app.mail.enqueueing import enqueue
-from app.mail.validation import SHAPE_FIELDS, _Checks, prepare
-from app.queues import get_redis
+from app.mail.validation import SHAPE_FIELDS, _Checks, check_priority, prepare
+from app.queues import DEFAULT_PRIORITY, get_redis
 
 
 def send_email(
@@ -38,9 +38,10 @@ def send_email(
     metadata: Mapping[str, str] | None = None,
     locale: str | None = None,
     idempotency_key: str | None = None,
+    priority: str = DEFAULT_PRIORITY,
     **context: Any,
 ) -> Job:
-    """Validate a mail and enqueue it on the `mail` queue; return its RQ job.
+    """Validate a mail and enqueue it on its lane's queue; return its RQ job.
 
     The job id is the mail id (see app.status). `send_at` must be timezone-aware;
     `delay` is a timedelta or seconds. `cc`/`bcc` count in MAIL_MAX_RECIPIENTS (bcc
@@ -50,9 +51,11 @@ def send_email(
     picks `email/<template>.<locale>.*` and Flask-Babel's locale. Under an
     `idempotency_key` already used for the same request within MAIL_IDEMPOTENCY_TTL,
     nothing is enqueued and the job of the first mail is returned (another request
-    under it raises IdempotencyConflictError). Raises an InvalidMailError (a
-    ValueError) naming the problem, or QueueUnavailableError when Redis is down;
-    either way nothing is enqueued.
+    under it raises IdempotencyConflictError). `priority` is the lane: "high" (a
+    password reset: served before anything else), "normal" (queue `mail`) or "bulk"
+    (served only when nothing else waits). Raises an InvalidMailError (a ValueError)
+    naming the problem, or QueueUnavailableError when Redis is down; either way
+    nothing is enqueued.
     """
     shape: dict[str, Any] = {
         "cc": cc,
@@ -72,23 +75,28 @@ def send_email(
         send_at=send_at,
         delay=delay,
         headers=headers,
+        priority=priority,
         **{name: value for name, value in shape.items() if value is not None},
     )
     return enqueue([record])
 
 
-def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
+def send_many(
+    messages: Iterable[Mapping[str, Any]], *, priority: str = DEFAULT_PRIORITY
+) -> list[str]:
     """Validate and enqueue many mails at once; return their ids, in order.
 
     Each message is a mapping of send_email's arguments: `to`, `subject`,
     `template`, and optionally `context` (a mapping), `send_at`, `delay`, `cc`,
     `bcc`, `reply_to`, `headers`, `attachments`, `tags`, `metadata`, `locale`,
-    `idempotency_key`. Every
+    `idempotency_key`, `priority` (default: the call's `priority`, itself "normal"
+    by default). Every
     message is validated first, as send_email does; a refusal raises the same
     InvalidMailError with its field prefixed by the message's index
     (`messages[3].to`). Then all are written in one MULTI/EXEC: all or nothing.
     Much faster per mail than a loop of send_email (one round trip for all).
     """
+    check_priority(priority)  # the call's default, named `priority`
     checks = _Checks()
     records = []
     for index, message in enumerate(messages):
@@ -111,6 +119,7 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
                     delay=message.get("delay"),
                     headers=message.get("headers"),
                     checks=checks,
+                    priority=message.get("priority", priority),
                     **(
                         {}
                         if _PLAIN_KEYS.issuperset(message)  # most bulk mail: skip the lookups
@@ -126,7 +135,9 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
     return [record.id for record in records]
 
 
-_PLAIN_KEYS = frozenset({"to", "subject", "template", "context", "send_at", "delay", "headers"})
+_PLAIN_KEYS = frozenset(
+    {"to", "subject", "template", "context", "send_at", "delay", "headers", "priority"}
+)
 _MESSAGE_KEYS = _PLAIN_KEYS | SHAPE_FIELDS
 
 
@@ -157,5 +168,5 @@ def requeue_failed(mail_id: str) -> status.MailRecord:
     record.send_at = ""
     record.last_error = ""
     record.refused = {}
-    enqueue([record], reopen=True)
+    enqueue([record], reopen=True)  # into its own lane (record.priority)
     return record

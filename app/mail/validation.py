@@ -32,6 +32,7 @@ from app.mail.shape import (
     validate_reply_to,
     validate_tags,
 )
+from app.queues import DEFAULT_PRIORITY, PRIORITIES
 
 TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}(/[a-z0-9][a-z0-9_-]{0,63}){0,3}$")
 MAX_CONTEXT_DEPTH = 20
@@ -52,6 +53,7 @@ def prepare(
     kind: str = "mail",
     mail_id: str | None = None,
     checks: _Checks | None = None,
+    priority: str = DEFAULT_PRIORITY,
     **shape: Any,
 ) -> status.MailRecord:
     """Validate everything about one mail and return its (unsaved) record. `checks`:
@@ -74,6 +76,7 @@ def prepare(
     context, context_json = validate_context(context, checks.max_context_bytes)
     headers = check_headers(headers)
     when = resolve_send_at(send_at, delay)
+    check_priority(priority)
     record = status.MailRecord(
         id=mail_id or status.new_id(),
         to=recipients,
@@ -85,6 +88,7 @@ def prepare(
         kind=kind,
         headers=headers,
         send_at=when.isoformat() if when else "",
+        priority=priority,
     )
     if shape:
         _add_shape(record, shape, checks)
@@ -123,6 +127,12 @@ def fingerprint(
     request["when"] = send_at.isoformat() if send_at else str(delay or "")
     request["data"] = hashlib.sha256(record.attachment_data).hexdigest()
     return hashlib.sha256(_strict_json(request).encode()).hexdigest()
+
+
+def check_priority(priority: object) -> None:
+    """A mail's lane: one of app.queues.PRIORITIES' names."""
+    if not isinstance(priority, str) or priority not in PRIORITIES:
+        raise InvalidMailError("priority", "must be one of " + ", ".join(PRIORITIES))
 
 
 class _Checks:

@@ -22,7 +22,7 @@ from redis import Redis
 
 from app import PROJECT_ROOT, create_app
 from app.config import SPEC, from_environ
-from app.queues import MAIL_QUEUE, connect_app
+from app.queues import MAIL_QUEUES, connect_app
 from tests.servers import RedisServer, SMTPServer, wait_until
 
 # Short intervals keep each scenario to seconds (defaults: README, "Reliability").
@@ -137,7 +137,7 @@ class Deployment:
         if key is None:
             return set()
         name = key.decode().removeprefix("rq:worker:").encode()
-        members = self.redis.zrange(f"rq:wip:{MAIL_QUEUE}", 0, -1)
+        members = [m for q in MAIL_QUEUES for m in self.redis.zrange(f"rq:wip:{q}", 0, -1)]
         return {
             member.decode().split(":", 1)[0]
             for member in members

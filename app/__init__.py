@@ -29,17 +29,30 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     from flask_mail import Mail
 
-    from app import api, cli, dev, events, metrics, queues, smtp, unsubscribe
+    from app import (
+        api,
+        cli,
+        dev,
+        events,
+        metrics,
+        queues,
+        smtp,
+        suppression_cli,
+        suppressions_api,
+        unsubscribe,
+    )
 
     Mail(app)
     events.init_app(app)
     queues.init_app(app)
     smtp.init_app(app)
     api.init_app(app)
+    suppressions_api.init_app(app)
     unsubscribe.init_app(app)
     metrics.init_app(app)
     dev.init_app(app)
     cli.init_app(app)
+    suppression_cli.init_app(app)
     return app
 
 

@@ -28,7 +28,9 @@ SENDING = "sending"
 RETRYING = "retrying"
 SENT = "sent"
 FAILED = "failed"
-FINAL = frozenset({SENT, FAILED})
+# Every recipient was on the suppression list (app/suppression.py): nothing was sent.
+SUPPRESSED = "suppressed"
+FINAL = frozenset({SENT, FAILED, SUPPRESSED})
 
 # A delivery lease lasts the job's timeout plus this; RQ's started-registry entry of an
 # AppWorker job lasts exactly as long (app/worker.py), so a job RQ has not yet called
@@ -36,6 +38,8 @@ FINAL = frozenset({SENT, FAILED})
 LEASE_GRACE_SECONDS = 30
 
 KEY_PREFIX = "mq:mail:"
+# hash: address -> JSON entry; app/suppression.py owns it, the attempt claim reads it.
+SUPPRESSIONS_KEY = "mq:suppressions"
 FAILED_INDEX = "mq:mails:failed"  # zset: id -> time it failed
 # hash: "<outcome>:<template>" -> count, for /metrics (sent, failed, retried), kept in Redis
 # so every worker's counts add up; incremented in the same round trip as the state change.
@@ -77,6 +81,11 @@ class MailRecord:
     attempts: int = 0
     last_error: str = ""
     refused: dict[str, str] = field(default_factory=dict)
+    # Recipients left out because they are suppressed: address -> reason (app/suppression.py).
+    suppressed: dict[str, str] = field(default_factory=dict)
+    # At delivery: the recipients the attempt claim found suppressed (address as given ->
+    # its entry's JSON), for app.suppression to leave out. Never stored.
+    held: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     # `context` as JSON, when prepare() encoded it already to check it: written as-is,
     # so a mail's context is encoded once. Empty for records built elsewhere.
     context_json: str = field(default="", repr=False, compare=False)
@@ -100,6 +109,7 @@ class MailRecord:
             "attempts": str(self.attempts),
             "last_error": self.last_error,
             "refused": json.dumps(self.refused) if self.refused else "{}",
+            "suppressed": json.dumps(self.suppressed) if self.suppressed else "{}",
         }
 
     @classmethod
@@ -121,6 +131,7 @@ class MailRecord:
             attempts=int(data.get("attempts") or 0),
             last_error=data.get("last_error", ""),
             refused=json.loads(data.get("refused") or "{}"),
+            suppressed=json.loads(data.get("suppressed") or "{}"),
         )
 
     def public(self) -> dict[str, Any]:
@@ -142,6 +153,8 @@ class MailRecord:
                 view["error" if name == "last_error" else name] = value
         if self.refused:
             view["refused"] = self.refused
+        if self.suppressed:
+            view["suppressed"] = self.suppressed
         return view
 
 
@@ -227,7 +240,7 @@ def begin_attempt(
     builds its record itself (a digest) needs no extra round trip.
     """
     args = _begin_attempt_args(mail_id, lease_seconds, create, create_ttl)
-    return attempt_from_reply(redis.eval(_BEGIN_ATTEMPT, 2, *args))
+    return attempt_from_reply(redis.eval(_BEGIN_ATTEMPT, 3, *args))
 
 
 def queue_begin_attempt(
@@ -242,21 +255,25 @@ def queue_begin_attempt(
     which the worker starts the job, or a digest chunk settles the digest before);
     read its reply with `attempt_from_reply`."""
     args = _begin_attempt_args(mail_id, lease_seconds, create, create_ttl)
-    pipe.eval(_BEGIN_ATTEMPT, 2, *args)
+    pipe.eval(_BEGIN_ATTEMPT, 3, *args)
 
 
 def attempt_from_reply(reply: Any) -> tuple[str, MailRecord | None]:
-    outcome, raw = reply
+    outcome, raw, *held = reply
     if not raw:
         return outcome.decode(), None
     record = MailRecord.from_redis(dict(zip(raw[::2], raw[1::2], strict=True)))
+    if held and held[0]:
+        flat = held[0]
+        record.held = {k.decode(): v.decode() for k, v in zip(flat[::2], flat[1::2], strict=True)}
     return outcome.decode(), record
 
 
 def _begin_attempt_args(
     mail_id: str, lease_seconds: int, create: MailRecord | None, create_ttl: int | None
 ) -> list[str]:
-    args = [key(mail_id), lease_key(mail_id), str(lease_seconds), now_iso(), str(create_ttl or 0)]
+    args = [key(mail_id), lease_key(mail_id), SUPPRESSIONS_KEY]
+    args += [str(lease_seconds), now_iso(), str(create_ttl or 0)]
     if create is not None:
         _stamp_new(create)
         args.extend(_flatten(create.to_redis()))
@@ -382,8 +399,8 @@ end
 return 0
 """
 
-# KEYS: record, lease. ARGV: lease seconds, now, TTL for a created record (0: none),
-# then the field/value pairs of a record to create when it is missing (optional).
+# KEYS: record, lease, suppression list. ARGV: lease seconds, now, TTL for a created record
+# (0: none), then the field/value pairs of a record to create when it is missing (optional).
 _BEGIN_ATTEMPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if #ARGV < 4 then return {'missing', false} end
@@ -398,7 +415,27 @@ if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[1])) then
 end
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'sending', 'updated_at', ARGV[2])
-return {'go', redis.call('HGETALL', KEYS[1])}
+-- Recipients on the suppression list (KEYS[3]), as given and with their entries: the
+-- bare address (inside the last <>), lowercased, as app.suppression.normalize keys them.
+local held = {}
+for _, name in ipairs({'to', 'cc', 'bcc'}) do
+  local raw = redis.call('HGET', KEYS[1], name)
+  local ok, list = pcall(cjson.decode, raw or '[]')
+  if ok and type(list) == 'table' then
+    for _, given in ipairs(list) do
+      if type(given) == 'string' then
+        local bare = string.match(given, '<([^<>]*)>%s*$') or given
+        bare = string.lower(string.match(bare, '^%s*(.-)%s*$'))
+        local entry = redis.call('HGET', KEYS[3], bare)
+        if entry then
+          held[#held + 1] = given
+          held[#held + 1] = entry
+        end
+      end
+    end
+  end
+end
+return {'go', redis.call('HGETALL', KEYS[1]), held}
 """
 
 # KEYS: record, lease, failed index, stats. ARGV: mail id, retention TTL, failed-at timestamp

@@ -228,10 +228,14 @@ def test_openapi_document_describes_every_route(client: FlaskClient, app: Flask)
     served = set()
     for rule in app.url_map.iter_rules():
         # /dev/* are HTML pages for developers (README), registered only in some setups.
+        # /ops/ is the operator's HTML page; /webhooks/* take the providers' formats, not
+        # this API's, and exist only where configured (docs/deliverability.md).
         if rule.endpoint == "static" or rule.endpoint.split(".")[0] in {
             "dev",
             "previews",
             "outbox",
+            "ops",
+            "webhooks",
         }:
             continue
         path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)  # <address:email> -> {email}
@@ -460,3 +464,110 @@ def test_fuzz_post_item(
     assert response.status_code < 500, response.get_json()
     if response.status_code != 202:
         assert snapshot(redis_client) == before
+
+
+# -- the suppression list and the recipient log (deliverability) --------------------------
+
+HOSTILE_SUPPRESSIONS: list[tuple[str, str, Any, str]] = [
+    ("CRLF in address", "ann@example.com%0d%0aBcc:%20x@y.com", {"reason": "manual"}, "email"),
+    ("display name", "Ann%20%3Cann@example.com%3E", {"reason": "manual"}, "email"),
+    ("non-ASCII address", "j\u00f6rg@example.com", {"reason": "manual"}, "email"),
+    ("not an address", "not-an-address", {"reason": "manual"}, "email"),
+    ("unknown reason", "ann@example.com", {"reason": "spam"}, "reason"),
+    ("reason as a list", "ann@example.com", {"reason": ["manual"]}, "reason"),
+    ("no reason", "ann@example.com", {"detail": "x"}, "reason"),
+    ("source given", "ann@example.com", {"reason": "manual", "source": "smtp"}, "source"),
+    ("huge detail", "ann@example.com", {"reason": "manual", "detail": "d" * 501}, "detail"),
+    ("detail as a number", "ann@example.com", {"reason": "manual", "detail": 5}, "detail"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "email", "body", "field"),
+    HOSTILE_SUPPRESSIONS,
+    ids=[c[0] for c in HOSTILE_SUPPRESSIONS],
+)
+def test_hostile_suppression_is_refused_and_nothing_written(
+    client: FlaskClient,
+    auth: dict[str, str],
+    redis_client: Redis,
+    case: str,
+    email: str,
+    body: Any,
+    field: str,
+) -> None:
+    before = snapshot(redis_client)
+    response = client.put(f"/api/suppressions/{email}", json=body, headers=auth)
+    assert response.status_code == 400, response.get_json()
+    assert response.get_json()["field"] == field
+    assert snapshot(redis_client) == before
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["to=", "to=ann@example.com%0d%0a", "to=ann", "to=" + "a" * 300 + "@example.com",
+     "to=ann@example.com&to=bob@example.com&limit=9", "to[]=x"],
+)  # fmt: skip
+def test_hostile_mail_log_queries_are_4xx_and_write_nothing(
+    client: FlaskClient, auth: dict[str, str], redis_client: Redis, query: str
+) -> None:
+    before = snapshot(redis_client)
+    response = client.get(f"/api/mail?{query}", headers=auth)
+    assert response.status_code == 400 and response.get_json()["error"]
+    assert snapshot(redis_client) == before
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    email=st.one_of(st.emails(), st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)),
+    body=st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "reason": st.one_of(st.sampled_from(["hard_bounce", "complaint", "manual"]),
+                                    json_values),
+                "detail": st.one_of(st.text(max_size=60), json_values),
+                "extra": json_values,
+            },
+        ),
+    ),
+    method=st.sampled_from(["GET", "PUT", "DELETE"]),
+)  # fmt: skip
+def test_fuzz_suppressions(
+    client: FlaskClient, auth: dict[str, str], redis_client: Redis, email: str, body: Any,
+    method: str,
+) -> None:  # fmt: skip
+    from urllib.parse import quote
+
+    before = snapshot(redis_client)
+    url = f"/api/suppressions/{quote(email, safe='@')}"
+    response = client.open(url, method=method, json=body, headers=auth)
+    assert response.status_code < 500, response.get_json()
+    if response.status_code in (200, 201) and method == "PUT":
+        redis_client.flushall()
+    else:
+        assert snapshot(redis_client) == before
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    query=st.dictionaries(
+        st.sampled_from(["to", "limit", "cursor", "x"]),
+        st.one_of(st.emails(), st.text(max_size=30)),
+        max_size=3,
+    ),
+    path=st.sampled_from(["/api/mail", "/api/suppressions"]),
+)
+def test_fuzz_query_strings(
+    client: FlaskClient, auth: dict[str, str], redis_client: Redis, query: dict[str, str],
+    path: str,
+) -> None:  # fmt: skip
+    before = snapshot(redis_client)
+    response = client.get(path, query_string=query, headers=auth)
+    assert response.status_code in (200, 400), response.get_json()
+    assert snapshot(redis_client) == before

@@ -18,7 +18,7 @@ from rq import Retry
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
-from app import events, status
+from app import events, maillog, status, suppression
 from app.errors import (
     QueueUnavailableError,
 )
@@ -36,17 +36,23 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:
     """
     queue = get_queue(MAIL_QUEUE)
     jobs = _DeliverJobs(queue, current_app.config)
-    # New mails to queue now, if more than one: written by a script (_write_queued). One
-    # alone costs Redis less as the plain HSETs below.
-    bulk = [] if reopen else [record for record in records if not record.send_at]
-    bulk = bulk if len(bulk) > 1 else []
     first: Job | None = None
     ready: list[str] = []  # ids to push on the queue, in order
     try:
+        # Suppressed recipients leave each record here; one with none left is only recorded.
+        suppression.drop_suppressed(get_redis(), records)
+        # New mails to queue now, if more than one: written by a script (_write_queued). One
+        # alone costs Redis less as the plain HSETs below.
+        bulk = [] if reopen else [r for r in records if not r.send_at and _to_deliver(r)]
+        bulk = bulk if len(bulk) > 1 else []
         with get_redis().pipeline(transaction=True) as pipe:
             pipe.multi()  # explicit, so RQ's writes add to this transaction as-is
             replicate(pipe)  # accepted = on REDIS_MIN_REPLICAS replicas too
+            maillog.queue_log(pipe, records, current_app.config)
             for record in records:
+                if not _to_deliver(record):
+                    _write_suppressed(pipe, queue, record, reopen)
+                    continue
                 if bulk and not record.send_at:
                     ready.append(record.id)
                     continue
@@ -68,7 +74,7 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:
                 first = first or job
             if bulk:
                 job = _write_queued(pipe, jobs, bulk)
-                first = job if bulk[0] is records[0] else first
+                first = job if bulk[0] is records[0] or first is None else first
             if ready:
                 pipe.sadd(queue.redis_queues_keys, queue.key)
                 pipe.rpush(queue.key, *ready)
@@ -85,8 +91,25 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:
             recipients=len(record.to),
             send_at=record.send_at,
         )
-    assert first is not None
-    return first
+    # Every mail suppressed: an RQ job that was never saved, with the mail's id (its
+    # record, status `suppressed`, is what GET /api/mail/<id> shows).
+    return first or jobs.create(records[0], JobStatus.CANCELED)
+
+
+def _to_deliver(record: status.MailRecord) -> bool:
+    return record.status != status.SUPPRESSED
+
+
+def _write_suppressed(pipe: Any, queue: Queue, record: status.MailRecord, reopen: bool) -> None:
+    """A mail none of whose recipients may be mailed: its record, finished at once as
+    `suppressed` (expiring like a sent one, counted for /metrics), and no job."""
+    if reopen:
+        status.reopen(pipe, record)
+        pipe.zrem(queue.failed_job_registry.key, record.id)
+    else:
+        status.create(pipe, record)
+    ttl = current_app.config["MAIL_STATUS_TTL"]
+    status.queue_finish(pipe, record.id, status.SUPPRESSED, ttl, metric_template=record.template)
 
 
 class _DeliverJobs:

@@ -40,6 +40,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         suppression_cli,
         suppressions_api,
         unsubscribe,
+        webhooks,
     )
 
     Mail(app)
@@ -48,6 +49,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     smtp.init_app(app)
     api.init_app(app)
     suppressions_api.init_app(app)
+    webhooks.init_app(app)
     unsubscribe.init_app(app)
     metrics.init_app(app)
     dev.init_app(app)

@@ -80,6 +80,22 @@ def list_suppressions() -> None:
     click.echo(f"{shown} suppressed")
 
 
+@click.command("ses-confirmations")
+@with_appcontext
+def ses_confirmations() -> None:
+    """SNS subscriptions (SES bounces and complaints) waiting for an operator to confirm
+    them: open each SubscribeURL once. mailqueue never fetches it itself."""
+    from app.webhooks import ses
+
+    try:
+        pending = ses.confirmations()
+    except redis.exceptions.RedisError as err:
+        raise click.ClickException(f"Redis unavailable: {err}") from err
+    for entry in pending:
+        click.echo(f"{entry['topic']}  {entry['at']}\n    {entry['subscribe_url']}")
+    click.echo(f"{len(pending)} awaiting confirmation")
+
+
 def init_app(app: Flask) -> None:
-    for command in (suppress, unsuppress, list_suppressions):
+    for command in (suppress, unsuppress, list_suppressions, ses_confirmations):
         mail_cli.add_command(command)

@@ -35,6 +35,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         dev,
         events,
         metrics,
+        ops,
         queues,
         smtp,
         suppression_cli,
@@ -53,6 +54,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     unsubscribe.init_app(app)
     metrics.init_app(app)
     dev.init_app(app)
+    ops.init_app(app)
     cli.init_app(app)
     suppression_cli.init_app(app)
     return app

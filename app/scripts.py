@@ -74,3 +74,26 @@ end
 if failed then return failed end
 return 1
 """
+
+# A fragment of app.status's attempt claim (KEYS[1]: the mail record, KEYS[3]: the
+# suppression list): sets `held` to the record's suppressed recipients, as given and with
+# their entries. Each address is keyed as app.suppression.normalize keys it: the bare
+# address (inside the last <>), trimmed, lowercased (addresses are ASCII: no SMTPUTF8).
+HELD_RECIPIENTS = """
+local held = {}
+for _, name in ipairs({'to', 'cc', 'bcc'}) do
+  local ok, list = pcall(cjson.decode, redis.call('HGET', KEYS[1], name) or '[]')
+  if ok and type(list) == 'table' then
+    for _, given in ipairs(list) do
+      if type(given) == 'string' then
+        local bare = string.match(given, '<([^<>]*)>%s*$') or given
+        local entry = redis.call('HGET', KEYS[3], string.lower(string.match(bare, '^%s*(.-)%s*$')))
+        if entry then
+          held[#held + 1] = given
+          held[#held + 1] = entry
+        end
+      end
+    end
+  end
+end
+"""

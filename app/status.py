@@ -22,6 +22,8 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 
+from app.scripts import HELD_RECIPIENTS
+
 QUEUED = "queued"
 SCHEDULED = "scheduled"
 SENDING = "sending"
@@ -401,7 +403,8 @@ return 0
 
 # KEYS: record, lease, suppression list. ARGV: lease seconds, now, TTL for a created record
 # (0: none), then the field/value pairs of a record to create when it is missing (optional).
-_BEGIN_ATTEMPT = """
+_BEGIN_ATTEMPT = (
+    """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if #ARGV < 4 then return {'missing', false} end
   redis.call('HSET', KEYS[1], unpack(ARGV, 4))
@@ -415,28 +418,12 @@ if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[1])) then
 end
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'sending', 'updated_at', ARGV[2])
--- Recipients on the suppression list (KEYS[3]), as given and with their entries: the
--- bare address (inside the last <>), lowercased, as app.suppression.normalize keys them.
-local held = {}
-for _, name in ipairs({'to', 'cc', 'bcc'}) do
-  local raw = redis.call('HGET', KEYS[1], name)
-  local ok, list = pcall(cjson.decode, raw or '[]')
-  if ok and type(list) == 'table' then
-    for _, given in ipairs(list) do
-      if type(given) == 'string' then
-        local bare = string.match(given, '<([^<>]*)>%s*$') or given
-        bare = string.lower(string.match(bare, '^%s*(.-)%s*$'))
-        local entry = redis.call('HGET', KEYS[3], bare)
-        if entry then
-          held[#held + 1] = given
-          held[#held + 1] = entry
-        end
-      end
-    end
-  end
-end
+"""
+    + HELD_RECIPIENTS
+    + """
 return {'go', redis.call('HGETALL', KEYS[1]), held}
 """
+)
 
 # KEYS: record, lease, failed index, stats. ARGV: mail id, retention TTL, failed-at timestamp
 # ('' unless failed: then in the failed index, else out of it), stats counter to increment

@@ -201,8 +201,11 @@ def resend(mail_id: str) -> Response:
     if not MAIL_ID.match(mail_id):
         abort(404)
     try:
-        requeue_failed(mail_id)
-        flash("Queued again.")
+        record = requeue_failed(mail_id)
+        if record.status == status.SUPPRESSED:
+            flash("Not sent: every recipient is suppressed now.")
+        else:
+            flash("Queued again.")
     except (UnknownMailError, MailNotFailedError) as err:
         flash(f"Not re-sent: {err}")
     return redirect(url_for("ops.mail", mail_id=mail_id))  # type: ignore[return-value]

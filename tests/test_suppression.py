@@ -57,6 +57,9 @@ def test_a_mail_to_a_suppressed_address_never_reaches_the_server(
     work()
     assert smtp_server.messages == []
     assert redis_client.hget(status.STATS_KEY, "suppressed:test") == b"1"
+    from app.metrics import render
+
+    assert 'mailqueue_mails_suppressed_total{template="test"} 1' in render()
 
 
 def get_queue_len(redis: Redis) -> int:

@@ -571,3 +571,94 @@ def test_fuzz_query_strings(
     response = client.get(path, query_string=query, headers=auth)
     assert response.status_code in (200, 400), response.get_json()
     assert snapshot(redis_client) == before
+
+
+# -- provider webhooks (deliverability) ---------------------------------------------------
+
+
+@pytest.fixture
+def webhook_client(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> FlaskClient:
+    """Every webhook on, with secrets the fuzzer does not know."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from app import create_app
+
+    public = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    import base64
+
+    def offline(*args: Any, **kwargs: Any) -> Any:  # this machine has no network anyway
+        raise OSError("no certificate fetches in the hostile-input suite")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    monkeypatch.setenv("MAILGUN_WEBHOOK_SIGNING_KEY", "k" * 32)
+    monkeypatch.setenv("SENDGRID_WEBHOOK_PUBLIC_KEY", base64.b64encode(public).decode())
+    monkeypatch.setenv("SES_SNS_TOPIC_ARNS", "arn:aws:sns:eu-west-1:123456789012:t")
+    monkeypatch.setenv("POSTMARK_WEBHOOK_USER", "u")
+    monkeypatch.setenv("POSTMARK_WEBHOOK_PASSWORD", "p")
+    return create_app({"TESTING": True}).test_client()
+
+
+webhook_bodies = st.one_of(
+    json_values,
+    st.binary(max_size=200),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "signature": st.one_of(
+                json_values,
+                st.fixed_dictionaries(
+                    {"timestamp": st.text(max_size=12), "token": st.text(max_size=20),
+                     "signature": st.text(max_size=70)}
+                ),
+            ),
+            "event-data": json_values,
+            "Type": st.sampled_from(["Notification", "SubscriptionConfirmation", "x"]),
+            "TopicArn": st.sampled_from(["arn:aws:sns:eu-west-1:123456789012:t", "x"]),
+            "MessageId": st.text(max_size=10),
+            "Timestamp": st.text(max_size=30),
+            "SignatureVersion": st.sampled_from(["1", "2", "3"]),
+            "SigningCertURL": st.sampled_from(
+                ["https://sns.eu-west-1.amazonaws.com/x.pem", "https://evil.example/x.pem"]
+            ),
+            "Signature": st.text(max_size=40),
+            "Message": json_values,
+            "RecordType": st.sampled_from(["Bounce", "SpamComplaint", "Open"]),
+            "Type_": json_values,
+            "BouncedAt": st.text(max_size=30),
+            "ID": json_values,
+        },
+    ),
+)  # fmt: skip
+
+
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    provider=st.sampled_from(["mailgun", "sendgrid", "ses", "postmark"]),
+    body=webhook_bodies,
+    headers=st.dictionaries(
+        st.sampled_from([
+            "Authorization", "X-Twilio-Email-Event-Webhook-Signature",
+            "X-Twilio-Email-Event-Webhook-Timestamp", "Content-Type",
+        ]),
+        st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40),
+    ),
+)  # fmt: skip
+def test_fuzz_webhooks_refuse_without_writing(
+    webhook_client: FlaskClient, redis_client: Redis, provider: str, body: Any,
+    headers: dict[str, str],
+) -> None:  # fmt: skip
+    """No secret, no signature, no certificate the fuzzer could know: always a 4xx, never
+    a write, and never a certificate fetched (none is cached, and the only URLs that
+    would be fetched are refused for their host or fail without a network)."""
+    before = snapshot(redis_client)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = webhook_client.post(f"/webhooks/{provider}", data=data, headers=headers)
+    assert 400 <= response.status_code < 500, (response.status_code, response.get_data())
+    assert snapshot(redis_client) == before

@@ -38,6 +38,16 @@ def snapshot(redis_client: Redis) -> dict[bytes, bytes | None]:
     return {key: redis_client.dump(key) for key in redis_client.scan_iter(count=1000)}
 
 
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No certificate is ever fetched here: each test's own goes in through the seam."""
+
+    def offline(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("tests fetch nothing: use ses.trust_certificate")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+
+
 @pytest.fixture(scope="module")
 def sendgrid_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
@@ -513,3 +523,14 @@ def test_a_webhook_bounce_stops_the_next_mail(
     with hooks.app_context():
         job = send_email("ann@example.com", "Again", "test", address="x")
     assert status.load(redis_client, job.id).status == status.SUPPRESSED  # type: ignore[union-attr]
+
+
+def test_an_unknown_certificate_is_refused_when_it_cannot_be_fetched(
+    hook_client: FlaskClient, redis_client: Redis, sns_key: rsa.RSAPrivateKey
+) -> None:
+    ses.CERTIFICATES.clear()
+    before = snapshot(redis_client)
+    message = sns_message("Notification", sns_key, Message=ses_bounce("<x@y>"))
+    response = sns_post(hook_client, message)
+    assert response.status_code == 401 and "could not be fetched" in response.get_json()["error"]
+    assert snapshot(redis_client) == before

@@ -157,6 +157,8 @@ def verify(message: Mapping[str, Any]) -> None:
         signature = base64.b64decode(str(message.get("Signature", "")), validate=True)
     except (binascii.Error, ValueError):
         raise Rejected(401, "Signature is not base64") from None
+    if len(signature) < 128:  # RSA-1024 at the least: nothing shorter is worth a fetch
+        raise Rejected(401, "Signature is too short")
     cert = certificate(url)
     now = datetime.now(UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:

@@ -29,7 +29,21 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     from flask_mail import Mail
 
-    from app import api, cli, dev, events, i18n, metrics, queues, smtp, unsubscribe
+    from app import (
+        api,
+        cli,
+        dev,
+        events,
+        i18n,
+        metrics,
+        ops,
+        queues,
+        smtp,
+        suppression_cli,
+        suppressions_api,
+        unsubscribe,
+        webhooks,
+    )
 
     Mail(app)
     i18n.init_app(app)
@@ -37,10 +51,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     queues.init_app(app)
     smtp.init_app(app)
     api.init_app(app)
+    suppressions_api.init_app(app)
+    webhooks.init_app(app)
     unsubscribe.init_app(app)
     metrics.init_app(app)
     dev.init_app(app)
+    ops.init_app(app)
     cli.init_app(app)
+    suppression_cli.init_app(app)
     return app
 
 

@@ -20,7 +20,7 @@ from rq import Worker
 from werkzeug.exceptions import BadRequest, HTTPException
 from werkzeug.routing import BaseConverter
 
-from app import digests, status
+from app import digests, maillog, status
 from app.digests.periods import _zone_names as zone_names
 from app.errors import (
     IdempotencyConflictError,
@@ -219,7 +219,11 @@ def get_mail(mail_id: str) -> Response:
     record = status.load(get_redis(), mail_id) if MAIL_ID.match(mail_id) else None
     if record is None:
         raise ApiError(404, f"no mail {mail_id[:64]}")
-    return jsonify(record.public())
+    view = record.public()
+    provider_events = maillog.events(get_redis(), mail_id)  # bounces, complaints
+    if provider_events:
+        view["events"] = provider_events
+    return jsonify(view)
 
 
 @bp.put("/subscribers/<address:email>")

@@ -7,8 +7,11 @@ works a single job.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -120,6 +123,33 @@ def _name(key: str, raw: str) -> str:
     return value
 
 
+_TOPIC_ARN = re.compile(
+    r"^arn:aws(?:-cn|-us-gov)?:sns:[a-z]{2}(?:-[a-z]+)+-\d:\d{12}:[\w-]{1,256}$"
+)
+
+
+def _topic_arns(key: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated SNS topic ARNs (arn:aws:sns:<region>:<account>:<topic>)."""
+    arns = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for arn in arns:
+        if not _TOPIC_ARN.match(arn):
+            raise ConfigError(f"{key}: {arn!r} is not an SNS topic ARN (arn:aws:sns:...)")
+    return arns
+
+
+def _base64_key(key: str, raw: str) -> str | None:
+    """A base64 public key as a provider shows it (its type is checked at start-up by
+    the webhook that uses it)."""
+    value = "".join(raw.split())
+    if not value:
+        return None
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{key}: expected the base64 key the provider shows") from None
+    return value
+
+
 def _optional_int(key: str, raw: str) -> int | None:
     return None if raw.strip() == "" else _int_parser(0, 16)(key, raw)
 
@@ -204,6 +234,15 @@ SPEC: dict[str, tuple[Callable[[str, str], Any], str, tuple[str, ...]]] = {
     "DIGEST_MAX_ITEMS": (_int_parser(1, 10000), "200", ()),
     "DIGEST_JOB_TIMEOUT": (_int_parser(30), "600", ()),
     "DIGEST_STATUS_TTL": (_int_parser(3600), str(2 * 24 * 3600), ()),
+    # Provider webhooks (docs/deliverability.md): each /webhooks/<provider> route exists only
+    # while its secret is set. Mailgun's HTTP webhook signing key; SendGrid's signed Event
+    # Webhook verification key (base64 ECDSA P-256); the SNS topics SES publishes bounces
+    # and complaints to; the Basic credentials on Postmark's webhook URL.
+    "MAILGUN_WEBHOOK_SIGNING_KEY": (_optional_str, "", ()),
+    "SENDGRID_WEBHOOK_PUBLIC_KEY": (_base64_key, "", ()),
+    "SES_SNS_TOPIC_ARNS": (_topic_arns, "", ()),
+    "POSTMARK_WEBHOOK_USER": (_optional_str, "", ()),
+    "POSTMARK_WEBHOOK_PASSWORD": (_optional_str, "", ()),
 }
 
 
@@ -238,6 +277,12 @@ def check(config: Mapping[str, Any]) -> None:
         value = config.get(key) or ""
         if "\r" in value or "\n" in value:
             raise ConfigError(f"{key}: must not contain CR or LF")
+    if bool(config.get("POSTMARK_WEBHOOK_USER")) != bool(config.get("POSTMARK_WEBHOOK_PASSWORD")):
+        raise ConfigError(
+            "POSTMARK_WEBHOOK_USER and POSTMARK_WEBHOOK_PASSWORD: set both or neither"
+        )
+    if ":" in (config.get("POSTMARK_WEBHOOK_USER") or ""):
+        raise ConfigError("POSTMARK_WEBHOOK_USER: must not contain ':' (HTTP Basic splits there)")
     if config.get("REDIS_SENTINELS") and str(config.get("REDIS_URL", "")).startswith("unix:"):
         raise ConfigError("REDIS_URL: a unix socket cannot be combined with REDIS_SENTINELS")
     _check_rate(config)

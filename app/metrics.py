@@ -30,6 +30,11 @@ COUNTERS = (
     ("sent", "mailqueue_mails_sent_total", "Mails the SMTP server accepted, by template."),
     ("failed", "mailqueue_mails_failed_total", "Mails that failed for good, by template."),
     ("retried", "mailqueue_mails_retried_total", "Delivery retries scheduled, by template."),
+    (
+        "suppressed",
+        "mailqueue_mails_suppressed_total",
+        "Mails not sent because every recipient is suppressed, by template.",
+    ),
 )
 
 GAUGES = (

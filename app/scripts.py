@@ -110,3 +110,38 @@ end
 if failed then return failed end
 return 1
 """
+
+# A fragment of app.status's attempt claim (KEYS[1]: the mail record, its to and, in
+# its extras, cc and bcc; KEYS[3]: the
+# suppression list): sets `held` to the record's suppressed recipients, as given and with
+# their entries. Each address is keyed as app.suppression.normalize keys it: the bare
+# address (inside the last <>), trimmed, lowercased (addresses are ASCII: no SMTPUTF8).
+HELD_RECIPIENTS = """
+local held = {}
+local lists = {}
+local ok, to = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'to') or '[]')
+if ok then lists[1] = to end
+local extras = redis.call('HGET', KEYS[1], 'extras')
+if extras and extras ~= '' then
+  local fine, shape = pcall(cjson.decode, extras)
+  if fine and type(shape) == 'table' then
+    lists[2] = shape['cc']
+    lists[3] = shape['bcc']
+  end
+end
+for i = 1, 3 do
+  local list = lists[i]
+  if type(list) == 'table' then
+    for _, given in ipairs(list) do
+      if type(given) == 'string' then
+        local bare = string.match(given, '<([^<>]*)>%s*$') or given
+        local entry = redis.call('HGET', KEYS[3], string.lower(string.match(bare, '^%s*(.-)%s*$')))
+        if entry then
+          held[#held + 1] = given
+          held[#held + 1] = entry
+        end
+      end
+    end
+  end
+end
+"""

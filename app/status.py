@@ -33,7 +33,9 @@ SENDING = "sending"
 RETRYING = "retrying"
 SENT = "sent"
 FAILED = "failed"
-FINAL = frozenset({SENT, FAILED})
+# Every recipient was on the suppression list (app/suppression.py): nothing was sent.
+SUPPRESSED = "suppressed"
+FINAL = frozenset({SENT, FAILED, SUPPRESSED})
 
 # A delivery lease lasts the job's timeout plus this; RQ's started-registry entry of an
 # AppWorker job lasts exactly as long (app/worker.py), so a job RQ has not yet called
@@ -41,6 +43,8 @@ FINAL = frozenset({SENT, FAILED})
 LEASE_GRACE_SECONDS = 30
 
 KEY_PREFIX = "mq:mail:"
+# hash: address -> JSON entry; app/suppression.py owns it, the attempt claim reads it.
+SUPPRESSIONS_KEY = "mq:suppressions"
 FAILED_INDEX = "mq:mails:failed"  # zset: id -> time it failed
 # hash: "<outcome>:<template>" -> count, for /metrics (sent, failed, retried), kept in Redis
 # so every worker's counts add up; incremented in the same round trip as the state change.
@@ -101,6 +105,11 @@ class MailRecord:
     idempotency_key: str = field(default="", repr=False, compare=False)
     fingerprint: str = field(default="", repr=False, compare=False)
     replayed: bool = field(default=False, repr=False, compare=False)  # an earlier mail's id
+    # Recipients left out because they are suppressed: address -> reason (app/suppression.py).
+    suppressed: dict[str, str] = field(default_factory=dict)
+    # At delivery: the recipients the attempt claim found suppressed (address as given ->
+    # its entry's JSON), for app.suppression to leave out. Never stored.
+    held: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     # `context` as JSON, when prepare() encoded it already to check it: written as-is,
     # so a mail's context is encoded once. Empty for records built elsewhere.
     context_json: str = field(default="", repr=False, compare=False)
@@ -126,6 +135,7 @@ class MailRecord:
             "last_error": self.last_error,
             "refused": json.dumps(self.refused) if self.refused else "{}",
             "extras": self._extras(),
+            "suppressed": json.dumps(self.suppressed) if self.suppressed else "{}",
         }
 
     def _extras(self) -> str:
@@ -163,6 +173,7 @@ class MailRecord:
             last_error=data.get("last_error", ""),
             refused=json.loads(data.get("refused") or "{}"),
             **json.loads(data.get("extras") or "{}"),
+            suppressed=json.loads(data.get("suppressed") or "{}"),
         )
 
     def public(self) -> dict[str, Any]:
@@ -188,6 +199,8 @@ class MailRecord:
         for name in EXTRA_FIELDS:
             if getattr(self, name):
                 view[name] = getattr(self, name)
+        if self.suppressed:
+            view["suppressed"] = self.suppressed
         return view
 
 
@@ -276,7 +289,7 @@ def begin_attempt(
     builds its record itself (a digest) needs no extra round trip.
     """
     args = _begin_attempt_args(mail_id, lease_seconds, create, create_ttl)
-    return attempt_from_reply(redis.eval(_BEGIN_ATTEMPT, 2, *args))
+    return attempt_from_reply(redis.eval(_BEGIN_ATTEMPT, 3, *args))
 
 
 def queue_begin_attempt(
@@ -291,21 +304,25 @@ def queue_begin_attempt(
     which the worker starts the job, or a digest chunk settles the digest before);
     read its reply with `attempt_from_reply`."""
     args = _begin_attempt_args(mail_id, lease_seconds, create, create_ttl)
-    pipe.eval(_BEGIN_ATTEMPT, 2, *args)
+    pipe.eval(_BEGIN_ATTEMPT, 3, *args)
 
 
 def attempt_from_reply(reply: Any) -> tuple[str, MailRecord | None]:
-    outcome, raw = reply
+    outcome, raw, *held = reply
     if not raw:
         return outcome.decode(), None
     record = MailRecord.from_redis(dict(zip(raw[::2], raw[1::2], strict=True)))
+    if held and held[0]:
+        flat = held[0]
+        record.held = {k.decode(): v.decode() for k, v in zip(flat[::2], flat[1::2], strict=True)}
     return outcome.decode(), record
 
 
 def _begin_attempt_args(
     mail_id: str, lease_seconds: int, create: MailRecord | None, create_ttl: int | None
 ) -> list[str]:
-    args = [key(mail_id), lease_key(mail_id), str(lease_seconds), now_iso(), str(create_ttl or 0)]
+    args = [key(mail_id), lease_key(mail_id), SUPPRESSIONS_KEY]
+    args += [str(lease_seconds), now_iso(), str(create_ttl or 0)]
     if create is not None:
         _stamp_new(create)
         args.extend(_flatten(create.to_redis()))

@@ -3,10 +3,12 @@ lease, the failed index, the stats and the attachment bytes in one atomic step.
 
 Kept apart from app/status.py so that the record's Python API and what runs inside
 Redis each read in one place (and neither module grows past a screenful or two).
-Imports nothing of the app: it sits below app/status.py.
+Imports only app/scripts.py's suppression step: it sits below app/status.py.
 """
 
 from __future__ import annotations
+
+from app.scripts import HELD_RECIPIENTS
 
 # KEYS: record, lease. ARGV: field/value pairs. Never creates a purged record.
 UPDATE_IF_EXISTS = """
@@ -18,9 +20,11 @@ end
 return 0
 """
 
-# KEYS: record, lease. ARGV: lease seconds, now, TTL for a created record (0: none),
-# then the field/value pairs of a record to create when it is missing (optional).
-BEGIN_ATTEMPT = """
+# KEYS: record, lease, suppression list. ARGV: lease seconds, now, TTL for a created record
+# (0: none), then the field/value pairs of a record to create when it is missing (optional).
+# A `go` also returns the record's suppressed recipients (HELD_RECIPIENTS).
+BEGIN_ATTEMPT = (
+    """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if #ARGV < 4 then return {'missing', false} end
   redis.call('HSET', KEYS[1], unpack(ARGV, 4))
@@ -34,8 +38,12 @@ if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[1])) then
 end
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'sending', 'updated_at', ARGV[2])
-return {'go', redis.call('HGETALL', KEYS[1])}
 """
+    + HELD_RECIPIENTS
+    + """
+return {'go', redis.call('HGETALL', KEYS[1]), held}
+"""
+)
 
 # KEYS: record, lease, failed index, stats, attachment bytes. ARGV: mail id, retention TTL,
 # failed-at timestamp ('' unless failed: then in the failed index, else out of it), stats

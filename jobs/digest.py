@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from app import digests, events, status
+from app import digests, events, status, suppression
 from app.errors import DeliveryError, MailInFlightError, TransientDeliveryError
 from app.mail import build_message
 from app.queues import get_redis
@@ -69,6 +69,7 @@ def send_digests(pairs: list[list[str]]) -> dict[str, int]:
     counts: Counter[str] = Counter()
     deferred: list[tuple[digests.Claim, DeliveryError]] = []
     claims = digests.claim_many(redis, valid)
+    _skip_suppressed(redis, claims)
     ahead: _Begun | None = None
     for index, claim in enumerate(claims):
         if claim.outcome == "busy":
@@ -217,9 +218,23 @@ def _attempts(redis: Redis, mail_id: str) -> int:
     return int(raw) if raw and raw.isdigit() else 0
 
 
+def _skip_suppressed(redis: Redis, claims: list[digests.Claim]) -> None:
+    """A subscriber whose address is suppressed (a hard bounce) gets no digest while it
+    is (claim_many found it so): the period counts as handled and the items go back for
+    a later digest, should the address be unsuppressed. (A complaint turned the
+    subscriber off already.)"""
+    for claim in claims:
+        if claim.outcome == "suppressed":
+            digests.settle(redis, claim.email, claim.period, mode="giveup")
+
+
 def _give_up(redis: Redis, claim: digests.Claim, err: Exception) -> None:
     """This period failed for good: keep its items for the next digest, record why."""
     reason = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__}: {err}"
+    if isinstance(err, DeliveryError) and err.refused:  # the address does not exist
+        with redis.pipeline(transaction=False) as pipe:
+            if suppression.queue_smtp_refusals(pipe, err.refused):
+                pipe.execute()
     mail_id = (
         digests.digest_mail_id(claim.email, claim.period, claim.subscriber.gen)
         if claim.subscriber

@@ -15,7 +15,7 @@ from rq import get_current_job
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
-from app import events, status
+from app import events, status, suppression
 from app.errors import (
     DeliveryError,
     MailInFlightError,
@@ -61,6 +61,9 @@ def deliver(mail_id: str) -> str:
         return "already sent"
     if outcome == "busy":
         raise MailInFlightError(f"mail {mail_id} is being delivered by another worker")
+    if suppression.drop_held(record):
+        # Every recipient was suppressed while the mail waited: record it, send nothing.
+        return _finish_suppressed(redis, record)
     _emit(events.SENDING, record)
     try:
         if record.attachments:
@@ -68,6 +71,8 @@ def deliver(mail_id: str) -> str:
         message = build_message(record)
         refused = get_mailer().send(message)
     except DeliveryError as err:
+        if err.refused:
+            _suppress_refused(redis, err.refused)
         _record_failure(redis, record, err)
         raise
     except JobTimeoutException as err:
@@ -80,11 +85,21 @@ def deliver(mail_id: str) -> str:
         raise
     ttl = config["MAIL_STATUS_TTL"]
 
+    more = {"suppressed": record.suppressed} if record.suppressed else {}
+
     def sent(pipe: Pipeline) -> None:
         replicate(pipe)  # a `sent` a failover loses would send the mail again
         status.queue_finish(
-            pipe, mail_id, status.SENT, ttl, metric_template=record.template, refused=refused
+            pipe,
+            mail_id,
+            status.SENT,
+            ttl,
+            metric_template=record.template,
+            refused=refused,
+            **more,
         )
+        if refused:  # recipients the server says do not exist: never mail them again
+            suppression.queue_smtp_refusals(pipe, refused)
 
     if getattr(job, "carries_sent", False):
         # A batching worker sends this with its next round trip, at once (app/leanworker.py).
@@ -102,6 +117,27 @@ def _load_attachments(redis: Redis, record: status.MailRecord) -> None:
     if data is None:
         raise PermanentDeliveryError("the attachments are gone from Redis (purged?)")
     record.attachment_data = data
+
+
+def _finish_suppressed(redis: Redis, record: status.MailRecord) -> str:
+    status.finish(
+        redis,
+        record.id,
+        status.SUPPRESSED,
+        current_app.config["MAIL_STATUS_TTL"],
+        metric_template=record.template,
+        suppressed=record.suppressed,
+        last_error=record.last_error,
+    )
+    _emit(events.SKIPPED, record, reason="suppressed")
+    return "suppressed"
+
+
+def _suppress_refused(redis: Redis, refused: dict[str, str]) -> None:
+    """Suppress the recipients a failed delivery was refused for as non-existent."""
+    with redis.pipeline(transaction=False) as pipe:
+        if suppression.queue_smtp_refusals(pipe, refused):
+            pipe.execute()
 
 
 def lease_seconds(job: Job | None) -> int:

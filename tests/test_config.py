@@ -54,6 +54,11 @@ DEFAULTS: dict[str, Any] = {
     "DIGEST_MAX_ITEMS": 200,
     "DIGEST_JOB_TIMEOUT": 600,
     "DIGEST_STATUS_TTL": 2 * 24 * 3600,
+    "MAILGUN_WEBHOOK_SIGNING_KEY": None,
+    "SENDGRID_WEBHOOK_PUBLIC_KEY": None,
+    "SES_SNS_TOPIC_ARNS": (),
+    "POSTMARK_WEBHOOK_USER": None,
+    "POSTMARK_WEBHOOK_PASSWORD": None,
     "MAIL_PREVIEWS": True,
     "LOG_LEVEL": "INFO",
 }
@@ -209,3 +214,25 @@ def test_malformed_value_in_dotenv_names_the_key(dotenv_enabled: Path) -> None:
     dotenv_enabled.write_text("MAIL_USE_TLS=maybe\n")
     with pytest.raises(ConfigError, match=r"^MAIL_USE_TLS"):
         create_app()
+
+
+@pytest.mark.parametrize(
+    ("key", "raw"),
+    [
+        ("SES_SNS_TOPIC_ARNS", "arn:aws:sqs:eu-west-1:123456789012:q"),
+        ("SES_SNS_TOPIC_ARNS", "arn:aws:sns:eu-west-1:12345:short-account"),
+        ("SES_SNS_TOPIC_ARNS", "ses-bounces"),
+        ("SENDGRID_WEBHOOK_PUBLIC_KEY", "not*base64"),
+    ],
+)
+def test_webhook_settings_are_checked(key: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        from_environ({key: raw})
+
+
+def test_topic_arns_are_a_list() -> None:
+    arns = "arn:aws:sns:eu-west-1:123456789012:a, arn:aws-cn:sns:cn-north-1:123456789012:b"
+    assert from_environ({"SES_SNS_TOPIC_ARNS": arns})["SES_SNS_TOPIC_ARNS"] == (
+        "arn:aws:sns:eu-west-1:123456789012:a",
+        "arn:aws-cn:sns:cn-north-1:123456789012:b",
+    )

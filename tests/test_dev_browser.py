@@ -117,10 +117,12 @@ class Browser:
             return stdout
         raise AssertionError(f"chromium hung {self.ATTEMPTS} times on {url}")
 
-    def dom(self, url: str) -> str:
-        return self._run(url, "--dump-dom", complete=lambda out: "</html>" in out)
+    def dom(self, url: str, *args: str) -> str:
+        return self._run(url, "--dump-dom", *args, complete=lambda out: "</html>" in out)
 
-    def screenshot(self, url: str, name: str) -> Path:
+    def screenshot(
+        self, url: str, name: str, window: str = "1200,900", smallest: int = 10_000
+    ) -> Path:
         ARTIFACTS.mkdir(exist_ok=True)
         path = ARTIFACTS / f"{name}.png"
         path.unlink(missing_ok=True)
@@ -128,9 +130,9 @@ class Browser:
         def written(_: str) -> bool:  # a PNG ends with its empty IEND chunk
             return path.exists() and path.read_bytes().endswith(b"\0\0\0\0IEND\xaeB`\x82")
 
-        self._run(url, f"--screenshot={path}", "--window-size=1200,900", complete=written)
+        self._run(url, f"--screenshot={path}", f"--window-size={window}", complete=written)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "no screenshot written"
-        assert path.stat().st_size > 10_000, "screenshot suspiciously small (blank page?)"
+        assert path.stat().st_size > smallest, "screenshot suspiciously small (blank page?)"
         return path
 
 

@@ -229,10 +229,14 @@ def test_openapi_document_describes_every_route(client: FlaskClient, app: Flask)
     served = set()
     for rule in app.url_map.iter_rules():
         # /dev/* are HTML pages for developers (README), registered only in some setups.
+        # /ops/ is the operator's HTML page; /webhooks/* take the providers' formats, not
+        # this API's, and exist only where configured (docs/deliverability.md).
         if rule.endpoint == "static" or rule.endpoint.split(".")[0] in {
             "dev",
             "previews",
             "outbox",
+            "ops",
+            "webhooks",
         }:
             continue
         path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)  # <address:email> -> {email}
@@ -461,3 +465,201 @@ def test_fuzz_post_item(
     assert response.status_code < 500, response.get_json()
     if response.status_code != 202:
         assert snapshot(redis_client) == before
+
+
+# -- the suppression list and the recipient log (deliverability) --------------------------
+
+HOSTILE_SUPPRESSIONS: list[tuple[str, str, Any, str]] = [
+    ("CRLF in address", "ann@example.com%0d%0aBcc:%20x@y.com", {"reason": "manual"}, "email"),
+    ("display name", "Ann%20%3Cann@example.com%3E", {"reason": "manual"}, "email"),
+    ("non-ASCII address", "j\u00f6rg@example.com", {"reason": "manual"}, "email"),
+    ("not an address", "not-an-address", {"reason": "manual"}, "email"),
+    ("unknown reason", "ann@example.com", {"reason": "spam"}, "reason"),
+    ("reason as a list", "ann@example.com", {"reason": ["manual"]}, "reason"),
+    ("no reason", "ann@example.com", {"detail": "x"}, "reason"),
+    ("source given", "ann@example.com", {"reason": "manual", "source": "smtp"}, "source"),
+    ("huge detail", "ann@example.com", {"reason": "manual", "detail": "d" * 501}, "detail"),
+    ("detail as a number", "ann@example.com", {"reason": "manual", "detail": 5}, "detail"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "email", "body", "field"),
+    HOSTILE_SUPPRESSIONS,
+    ids=[c[0] for c in HOSTILE_SUPPRESSIONS],
+)
+def test_hostile_suppression_is_refused_and_nothing_written(
+    client: FlaskClient,
+    auth: dict[str, str],
+    redis_client: Redis,
+    case: str,
+    email: str,
+    body: Any,
+    field: str,
+) -> None:
+    before = snapshot(redis_client)
+    response = client.put(f"/api/suppressions/{email}", json=body, headers=auth)
+    assert response.status_code == 400, response.get_json()
+    assert response.get_json()["field"] == field
+    assert snapshot(redis_client) == before
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["to=", "to=ann@example.com%0d%0a", "to=ann", "to=" + "a" * 300 + "@example.com",
+     "to=ann@example.com&to=bob@example.com&limit=9", "to[]=x"],
+)  # fmt: skip
+def test_hostile_mail_log_queries_are_4xx_and_write_nothing(
+    client: FlaskClient, auth: dict[str, str], redis_client: Redis, query: str
+) -> None:
+    before = snapshot(redis_client)
+    response = client.get(f"/api/mail?{query}", headers=auth)
+    assert response.status_code == 400 and response.get_json()["error"]
+    assert snapshot(redis_client) == before
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    email=st.one_of(st.emails(), st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)),
+    body=st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "reason": st.one_of(st.sampled_from(["hard_bounce", "complaint", "manual"]),
+                                    json_values),
+                "detail": st.one_of(st.text(max_size=60), json_values),
+                "extra": json_values,
+            },
+        ),
+    ),
+    method=st.sampled_from(["GET", "PUT", "DELETE"]),
+)  # fmt: skip
+def test_fuzz_suppressions(
+    client: FlaskClient, auth: dict[str, str], redis_client: Redis, email: str, body: Any,
+    method: str,
+) -> None:  # fmt: skip
+    from urllib.parse import quote
+
+    before = snapshot(redis_client)
+    url = f"/api/suppressions/{quote(email, safe='@')}"
+    response = client.open(url, method=method, json=body, headers=auth)
+    assert response.status_code < 500, response.get_json()
+    if response.status_code in (200, 201) and method == "PUT":
+        redis_client.flushall()
+    else:
+        assert snapshot(redis_client) == before
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    query=st.dictionaries(
+        st.sampled_from(["to", "limit", "cursor", "x"]),
+        st.one_of(st.emails(), st.text(max_size=30)),
+        max_size=3,
+    ),
+    path=st.sampled_from(["/api/mail", "/api/suppressions"]),
+)
+def test_fuzz_query_strings(
+    client: FlaskClient, auth: dict[str, str], redis_client: Redis, query: dict[str, str],
+    path: str,
+) -> None:  # fmt: skip
+    before = snapshot(redis_client)
+    response = client.get(path, query_string=query, headers=auth)
+    assert response.status_code in (200, 400), response.get_json()
+    assert snapshot(redis_client) == before
+
+
+# -- provider webhooks (deliverability) ---------------------------------------------------
+
+
+@pytest.fixture
+def webhook_client(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> FlaskClient:
+    """Every webhook on, with secrets the fuzzer does not know."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from app import create_app
+
+    public = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    import base64
+
+    def offline(*args: Any, **kwargs: Any) -> Any:  # this machine has no network anyway
+        raise OSError("no certificate fetches in the hostile-input suite")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    monkeypatch.setenv("MAILGUN_WEBHOOK_SIGNING_KEY", "k" * 32)
+    monkeypatch.setenv("SENDGRID_WEBHOOK_PUBLIC_KEY", base64.b64encode(public).decode())
+    monkeypatch.setenv("SES_SNS_TOPIC_ARNS", "arn:aws:sns:eu-west-1:123456789012:t")
+    monkeypatch.setenv("POSTMARK_WEBHOOK_USER", "u")
+    monkeypatch.setenv("POSTMARK_WEBHOOK_PASSWORD", "p")
+    return create_app({"TESTING": True}).test_client()
+
+
+webhook_bodies = st.one_of(
+    json_values,
+    st.binary(max_size=200),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "signature": st.one_of(
+                json_values,
+                st.fixed_dictionaries(
+                    {"timestamp": st.text(max_size=12), "token": st.text(max_size=20),
+                     "signature": st.text(max_size=70)}
+                ),
+            ),
+            "event-data": json_values,
+            "Type": st.sampled_from(["Notification", "SubscriptionConfirmation", "x"]),
+            "TopicArn": st.sampled_from(["arn:aws:sns:eu-west-1:123456789012:t", "x"]),
+            "MessageId": st.text(max_size=10),
+            "Timestamp": st.text(max_size=30),
+            "SignatureVersion": st.sampled_from(["1", "2", "3"]),
+            "SigningCertURL": st.sampled_from(
+                ["https://sns.eu-west-1.amazonaws.com/x.pem", "https://evil.example/x.pem"]
+            ),
+            "Signature": st.text(max_size=40),
+            "Message": json_values,
+            "RecordType": st.sampled_from(["Bounce", "SpamComplaint", "Open"]),
+            "Type_": json_values,
+            "BouncedAt": st.text(max_size=30),
+            "ID": json_values,
+        },
+    ),
+)  # fmt: skip
+
+
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    provider=st.sampled_from(["mailgun", "sendgrid", "ses", "postmark"]),
+    body=webhook_bodies,
+    headers=st.dictionaries(
+        st.sampled_from([
+            "Authorization", "X-Twilio-Email-Event-Webhook-Signature",
+            "X-Twilio-Email-Event-Webhook-Timestamp", "Content-Type",
+        ]),
+        st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40),
+    ),
+)  # fmt: skip
+def test_fuzz_webhooks_refuse_without_writing(
+    webhook_client: FlaskClient, redis_client: Redis, provider: str, body: Any,
+    headers: dict[str, str],
+) -> None:  # fmt: skip
+    """No secret, no signature, no certificate the fuzzer could know: always a 4xx, never
+    a write, and never a certificate fetched (none is cached, and the only URLs that
+    would be fetched are refused for their host or fail without a network)."""
+    before = snapshot(redis_client)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = webhook_client.post(f"/webhooks/{provider}", data=data, headers=headers)
+    assert 400 <= response.status_code < 500, (response.status_code, response.get_data())
+    assert snapshot(redis_client) == before

@@ -62,4 +62,4 @@ def test_a_405_says_which_methods_are_allowed(app: Flask, auth: dict[str, str]) 
     response = app.test_client().delete("/api/mail", headers=auth)
     assert response.status_code == 405
     assert response.get_json() == {"error": "The method is not allowed for the requested URL."}
-    assert set(response.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
+    assert set(response.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST", "OPTIONS"}

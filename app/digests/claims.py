@@ -13,7 +13,7 @@ from typing import Any
 from flask import current_app
 from redis import Redis
 
-from app import status
+from app import status, suppression
 from app.digests.message import DIGEST_TEMPLATE
 from app.digests.subscribers import (
     Subscriber,
@@ -32,7 +32,7 @@ log = logging.getLogger("mailqueue.digests")
 class Claim:
     """The outcome of claiming one subscriber's items for one period.
 
-    outcome: go | handled | gone | off | stale | busy. With `go`, `subscriber`
+    outcome: go | handled | gone | off | stale | busy | suppressed. With `go`, `subscriber`
     and `items` (oldest first) are set; `items` may be empty.
     """
 
@@ -55,13 +55,19 @@ def claim_many(redis: Redis, pairs: list[tuple[str, str]]) -> list[Claim]:
     """
     ttl = str(current_app.config["DIGEST_JOB_TIMEOUT"] + 60)
     with redis.pipeline(transaction=False) as pipe:
+        # In the same round trip: which of them are suppressed (outcome `suppressed`:
+        # claimed, for jobs/digest.py to put back without sending).
+        if pairs:
+            suppression.queue_check(pipe, [email for email, _period in pairs])
         for email, period in pairs:
             keys = (sub_key(email), items_key(email), lease_key(email))
             pipe.eval(_CLAIM_ITEMS, len(keys), *keys, claimed_prefix(email), period, ttl)
-        replies = pipe.execute()
+        held, *replies = pipe.execute() if pairs else [[]]
     claims = []
-    for (email, period), reply in zip(pairs, replies, strict=True):
+    for (email, period), reply, entry in zip(pairs, replies, held, strict=True):
         outcome = reply[0].decode()
+        if outcome == "go" and entry:
+            outcome = "suppressed"
         claim = Claim(email, period, outcome)
         if outcome == "go":
             raw = reply[1]

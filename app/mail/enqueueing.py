@@ -18,7 +18,7 @@ from rq import Retry
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
-from app import events, status
+from app import events, maillog, status, suppression
 from app.errors import (
     QueueUnavailableError,
 )
@@ -42,6 +42,8 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:
     first: Job | None = None
     fresh: list[status.MailRecord] = []
     try:
+        # Suppressed recipients leave each record here; one with none left is only recorded.
+        suppression.drop_suppressed(get_redis(), records)
         with get_redis().pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -53,6 +55,7 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:
                         idempotency.queue_set(
                             pipe, claimed, current_app.config["MAIL_IDEMPOTENCY_TTL"]
                         )
+                        maillog.queue_log(pipe, fresh, current_app.config)
                         first = _queue_lanes(pipe, fresh, reopen)
                     pipe.execute()
                     break
@@ -65,7 +68,7 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:
         raise QueueUnavailableError(f"Redis unavailable, mail not queued: {err}") from err
     for record in fresh:
         events.emit(
-            record.status,  # queued or scheduled
+            record.status,  # queued, scheduled or suppressed
             mail_id=record.id,
             template=record.template,
             attempt=0,
@@ -84,8 +87,9 @@ def enqueue(records: list[status.MailRecord], *, reopen: bool = False) -> Job:
     return first
 
 
-def _queue_lanes(pipe: Any, records: list[status.MailRecord], reopen: bool) -> Job:
-    """Queue on `pipe` each lane's records on its queue; return the first record's job."""
+def _queue_lanes(pipe: Any, records: list[status.MailRecord], reopen: bool) -> Job | None:
+    """Queue on `pipe` each lane's records on its queue; return the first record's job
+    (None when it was suppressed: it has no job)."""
     lanes: dict[str, list[status.MailRecord]] = {}
     for record in records:
         lanes.setdefault(record.priority, []).append(record)
@@ -93,21 +97,25 @@ def _queue_lanes(pipe: Any, records: list[status.MailRecord], reopen: bool) -> J
     for priority, lane in lanes.items():
         job = _queue_lane(pipe, get_queue(PRIORITIES[priority]), lane, reopen)
         first = job if lane[0] is records[0] else first
-    assert first is not None
     return first
 
 
-def _queue_lane(pipe: Any, queue: Queue, records: list[status.MailRecord], reopen: bool) -> Job:
+def _queue_lane(
+    pipe: Any, queue: Queue, records: list[status.MailRecord], reopen: bool
+) -> Job | None:
     """Queue on `pipe` the writes of `records` and their jobs on `queue`; return the
-    first record's job."""
+    first record's job (None when every one was suppressed: no job)."""
     jobs = _DeliverJobs(queue, current_app.config)
     # New mails to queue now, if more than one: written by a script (_write_queued). One
     # alone costs Redis less as the plain HSETs below.
-    bulk = [] if reopen else [record for record in records if not record.send_at]
+    bulk = [] if reopen else [r for r in records if not r.send_at and _to_deliver(r)]
     bulk = bulk if len(bulk) > 1 else []
     first: Job | None = None
     ready: list[str] = []  # ids to push on the queue, in order
     for record in records:
+        if not _to_deliver(record):
+            _write_suppressed(pipe, queue, record, reopen)
+            continue
         if record.attachments:
             attachments.queue_write(pipe, record)
         if bulk and not record.send_at:
@@ -131,13 +139,28 @@ def _queue_lane(pipe: Any, queue: Queue, records: list[status.MailRecord], reope
         first = first or job
     if bulk:
         job = _write_queued(pipe, jobs, bulk)
-        first = job if bulk[0] is records[0] else first
+        first = job if bulk[0] is records[0] or first is None else first
     if ready:
         pipe.sadd(queue.redis_queues_keys, queue.key)
         pipe.rpush(queue.key, *ready)
         ring(pipe, len(ready))
-    assert first is not None
     return first
+
+
+def _to_deliver(record: status.MailRecord) -> bool:
+    return record.status != status.SUPPRESSED
+
+
+def _write_suppressed(pipe: Any, queue: Queue, record: status.MailRecord, reopen: bool) -> None:
+    """A mail none of whose recipients may be mailed: its record, finished at once as
+    `suppressed` (expiring like a sent one, counted for /metrics), and no job."""
+    if reopen:
+        status.reopen(pipe, record)
+        pipe.zrem(queue.failed_job_registry.key, record.id)
+    else:
+        status.create(pipe, record)
+    ttl = current_app.config["MAIL_STATUS_TTL"]
+    status.queue_finish(pipe, record.id, status.SUPPRESSED, ttl, metric_template=record.template)
 
 
 class _DeliverJobs:

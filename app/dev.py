@@ -3,8 +3,7 @@
 Who may see them: anyone while the app runs in debug mode (`FLASK_DEBUG=1`);
 otherwise only a holder of API_TOKEN, sent as `Authorization: Bearer ...`
 (scripts) or typed once into the /dev/login form (browsers), which sets a
-cookie derived from the token and SECRET_KEY (changing either logs everyone
-out). The token is never accepted in a query string: access logs record those.
+cookie derived from the token and SECRET_KEY (app/signin.py, shared with /ops/).
 
 - /dev/mail is registered only while MAIL_PREVIEWS is true (default); each
   template under `templates/email/` is rendered with the sample in
@@ -23,8 +22,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import hashlib
-import hmac
 import os
 import re
 from dataclasses import dataclass
@@ -33,7 +30,6 @@ from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from flask import (
     Blueprint,
@@ -47,7 +43,6 @@ from flask import (
     url_for,
 )
 
-from app.api import bearer_token, token_matches
 from app.devpreviews import (
     build_preview,
     email_templates,
@@ -55,13 +50,13 @@ from app.devpreviews import (
     load_sample,
 )
 from app.mail import TEMPLATE_NAME
+from app.signin import SignIn
 
 dev = Blueprint("dev", __name__, url_prefix="/dev")
 previews = Blueprint("previews", __name__, url_prefix="/dev/mail")
 outbox = Blueprint("outbox", __name__, url_prefix="/dev/outbox")
 
-COOKIE = "mailqueue_dev"
-COOKIE_MAX_AGE = 12 * 3600
+SIGN_IN = SignIn("dev", cookie="mailqueue_dev", cookie_label="mailqueue-dev-pages")
 OUTBOX_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.eml$")
 OUTBOX_LIMIT = 200  # newest messages listed; the folder may hold thousands
 # For the mail html routes: no script, no plugin, no same-origin, no form posts;
@@ -77,11 +72,7 @@ MAIL_CSP = (
 
 def require_access() -> Response | None:
     """Open in debug mode; else the API token (bearer header or the login cookie)."""
-    if current_app.debug:
-        return None
-    if token_matches(bearer_token()) or _cookie_ok(request.cookies.get(COOKIE, "")):
-        return None
-    return _login_page(status=401)
+    return None if SIGN_IN.allowed() else SIGN_IN.page(401)
 
 
 previews.before_request(require_access)
@@ -97,39 +88,6 @@ for _blueprint in (dev, previews, outbox):
     _blueprint.context_processor(_pages)
 
 
-def _cookie_value() -> str:
-    token = current_app.config.get("API_TOKEN") or ""
-    key = str(current_app.config["SECRET_KEY"]).encode()
-    return hmac.new(key, b"mailqueue-dev-pages:" + token.encode(), hashlib.sha256).hexdigest()
-
-
-def _cookie_ok(supplied: str) -> bool:
-    if not current_app.config.get("API_TOKEN") or not supplied:
-        return False
-    return hmac.compare_digest(supplied.encode(), _cookie_value().encode())
-
-
-def _safe_next(target: str | None) -> str:
-    """Only a local /dev/ path: the login form must not redirect anywhere else."""
-    target = target or ""
-    parts = urlsplit(target)
-    if parts.scheme or parts.netloc or "\\" in target or not parts.path.startswith("/dev/"):
-        return url_for("dev.index")
-    return parts.path + (f"?{parts.query}" if parts.query else "")
-
-
-def _login_page(status: int, error: str = "") -> Response:
-    """The token form; after it, back to the page that asked (or to `?next=`)."""
-    wanted = request.values.get("next") if request.endpoint == "dev.login" else request.full_path
-    body = render_template(
-        "dev/login.html",
-        next=_safe_next(wanted),
-        error=error,
-        enabled=bool(current_app.config.get("API_TOKEN")),
-    )
-    return Response(body, status=status, content_type="text/html; charset=utf-8")
-
-
 @dev.get("/")
 def index() -> Response:
     target = "previews.index" if "previews" in current_app.blueprints else "outbox.index"
@@ -139,21 +97,7 @@ def index() -> Response:
 @dev.route("/login", methods=["GET", "POST"])
 def login() -> Response:
     """A form for the API token (POST body, so it stays out of URLs and access logs)."""
-    if request.method == "GET":
-        return _login_page(status=200)
-    if not token_matches(request.form.get("token", "").strip()):
-        return _login_page(status=401, error="That is not the API token.")
-    response: Response = redirect(_safe_next(request.form.get("next")))  # type: ignore[assignment]
-    response.set_cookie(
-        COOKIE,
-        _cookie_value(),
-        max_age=COOKIE_MAX_AGE,
-        path="/dev/",
-        httponly=True,
-        samesite="Lax",
-        secure=request.is_secure,
-    )
-    return response
+    return SIGN_IN.login()
 
 
 def _mail_html_response(html: str) -> Response:

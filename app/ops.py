@@ -5,7 +5,7 @@ attempts, provider events and error, with a re-send for a failed mail); the
 suppression list with add and remove; the queue depths. Built for a phone as much as
 a desk: one column, big touch targets.
 
-Who may see it: the same rule and the same sign-in as the /dev/ pages (app/dev.py):
+Who may see it: the same rule and the same sign-in as the /dev/ pages (app/signin.py):
 open in debug mode, else only a holder of API_TOKEN, sent as a bearer header (scripts)
 or typed once into /ops/login (a cookie derived from the token and SECRET_KEY, for
 /ops/ only). Never a token in a URL. The page changes things (re-send, suppress,
@@ -15,10 +15,8 @@ cookie is SameSite=Lax): another site cannot make a signed-in browser post to it
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis.exceptions
 from flask import (
@@ -26,7 +24,6 @@ from flask import (
     Flask,
     Response,
     abort,
-    current_app,
     flash,
     redirect,
     render_template,
@@ -35,45 +32,32 @@ from flask import (
 )
 
 from app import deliverability, digests, maillog, status, suppression
-from app.api import MAIL_ID, bearer_token, token_matches
+from app.api import MAIL_ID
 from app.errors import InvalidMailError, MailNotFailedError, UnknownMailError
 from app.mail import requeue_failed
 from app.queues import QUEUE_NAMES, SIZE_NAMES, get_queue, get_redis, queue_sizes
+from app.signin import SignIn
 
 ops = Blueprint("ops", __name__, url_prefix="/ops")
 
-COOKIE = "mailqueue_ops"
-COOKIE_MAX_AGE = 12 * 3600
 PAGE = 50
+SIGN_IN = SignIn("ops", cookie="mailqueue_ops", cookie_label="mailqueue-ops-page")
 
 
 # --- access ------------------------------------------------------------------------------
 
 
-def _derived(label: str) -> str:
-    token = current_app.config.get("API_TOKEN") or ""
-    key = str(current_app.config["SECRET_KEY"]).encode()
-    return hmac.new(key, label.encode() + b":" + token.encode(), hashlib.sha256).hexdigest()
-
-
-def _signed_in() -> bool:
-    supplied = request.cookies.get(COOKIE, "")
-    if not current_app.config.get("API_TOKEN") or not supplied:
-        return False
-    return hmac.compare_digest(supplied.encode(), _derived("mailqueue-ops-page").encode())
-
-
 def form_token() -> str:
     """What every form posts back: derived from the sign-in, unknown to another site."""
-    return _derived("mailqueue-ops-form")
+    return SIGN_IN.derived("mailqueue-ops-form")
 
 
 @ops.before_request
 def require_access() -> Response | None:
     if request.endpoint == "ops.login":
         return None
-    if not (current_app.debug or token_matches(bearer_token()) or _signed_in()):
-        return _login_page(401)
+    if not SIGN_IN.allowed():
+        return SIGN_IN.page(401)
     if request.method == "POST":
         supplied = request.form.get("form_token", "")
         if not hmac.compare_digest(supplied.encode(), form_token().encode()):
@@ -86,44 +70,10 @@ def _forms() -> dict[str, Any]:
     return {"form_token": form_token}
 
 
-def _safe_next(target: str | None) -> str:
-    """Only a local /ops/ path: the sign-in must not redirect anywhere else."""
-    target = target or ""
-    parts = urlsplit(target)
-    if parts.scheme or parts.netloc or "\\" in target or not parts.path.startswith("/ops/"):
-        return url_for("ops.index")
-    return parts.path + (f"?{parts.query}" if parts.query else "")
-
-
-def _login_page(code: int, error: str = "") -> Response:
-    wanted = request.values.get("next") if request.endpoint == "ops.login" else request.full_path
-    body = render_template(
-        "ops/login.html",
-        next=_safe_next(wanted),
-        error=error,
-        enabled=bool(current_app.config.get("API_TOKEN")),
-    )
-    return Response(body, status=code, content_type="text/html; charset=utf-8")
-
-
 @ops.route("/login", methods=["GET", "POST"])
 def login() -> Response:
     """The API token in a POST body (never in a URL), then a cookie for /ops/ only."""
-    if request.method == "GET":
-        return _login_page(200)
-    if not token_matches(request.form.get("token", "").strip()):
-        return _login_page(401, "That is not the API token.")
-    response: Response = redirect(_safe_next(request.form.get("next")))  # type: ignore[assignment]
-    response.set_cookie(
-        COOKIE,
-        _derived("mailqueue-ops-page"),
-        max_age=COOKIE_MAX_AGE,
-        path="/ops/",
-        httponly=True,
-        samesite="Lax",
-        secure=request.is_secure,
-    )
-    return response
+    return SIGN_IN.login()
 
 
 # --- pages -------------------------------------------------------------------------------
@@ -230,7 +180,7 @@ def suppressions() -> str:
 @ops.post("/suppressions")
 def add_suppression() -> Response:
     """Suppress an address from the page (source `api`: the operator's own say-so)."""
-    back = _safe_next(request.form.get("next"))
+    back = SIGN_IN.safe_next(request.form.get("next"))
     reason = request.form.get("reason", suppression.MANUAL)
     detail = request.form.get("detail", "")[: suppression.MAX_DETAIL]
     try:
@@ -248,7 +198,7 @@ def add_suppression() -> Response:
 
 @ops.post("/suppressions/remove")
 def remove_suppression() -> Response:
-    back = _safe_next(request.form.get("next"))
+    back = SIGN_IN.safe_next(request.form.get("next"))
     given = request.form.get("email", "")
     if suppression.remove(get_redis(), given):
         flash(f"{suppression.normalize(given)} may be mailed again.")

@@ -17,10 +17,13 @@ from tests.servers import wait_until
 pytestmark = pytest.mark.fault
 
 BACKLOG = 1500
-# The most bulk mails that may still start after a high one was queued: each of the two
-# workers may have its slots full (MAIL_CONCURRENCY 16) and start one more before its
-# next lane check. FIFO would put all the backlog ahead of it.
-OVERTAKE_BOUND = 2 * (16 + 2)
+# The most bulk mails that may arrive between a high one's enqueue and its arrival: each
+# of the two workers may have its slots full (MAIL_CONCURRENCY 16) and start one more
+# before its next lane check; and while the urgent mail is on the wire, the worker that
+# did not claim it keeps sending bulk, up to a slot-full more. Under CPU load (two busy
+# loops beside it) the worst of a run's five was 4-24 in 13 of 16 runs, 30, 32 and 46 in
+# the others (CI saw 41 once). FIFO would put the whole backlog ahead of it.
+OVERTAKE_BOUND = 3 * (16 + 2)
 
 
 # The in-flight modes of the fault suite, and one mail at a time (the inline batch's

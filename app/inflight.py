@@ -113,8 +113,8 @@ MALLOC_ARENAS = 2
 
 def _share_malloc_arenas() -> None:
     """glibc gives threads that allocate at once their own malloc arenas, up to 8 per
-    core, each keeping its freed memory: with 64 slots rendering digests, ~10 MB more
-    peak RSS a worker (measured, bench d64: 97-102 MB with 2 arenas, 106-111 without).
+    core, each keeping its freed memory: with 64 slots rendering digests, a few MB more
+    peak RSS a worker (bench d64 at 50 ms, alternated: 106-110 MB with 2, 111-113 with 8).
     Two, as MALLOC_ARENA_MAX=2 would make them (Heroku's advice for threaded
     servers); a MALLOC_ARENA_MAX the user set wins, and other C libraries are left be."""
     if os.environ.get("MALLOC_ARENA_MAX"):

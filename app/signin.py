@@ -28,6 +28,11 @@ class SignIn:
     cookie: str
     cookie_label: str  # what the cookie's HMAC is over, with the token
 
+    @property
+    def path(self) -> str:
+        """The area's URL prefix: where the cookie is sent and `?next=` may point."""
+        return f"/{self.area}/"
+
     def derived(self, label: str) -> str:
         """A value only the server can make: HMAC(SECRET_KEY, label:API_TOKEN)."""
         token = current_app.config.get("API_TOKEN") or ""
@@ -48,8 +53,7 @@ class SignIn:
         """Only a local path of this area: the sign-in must not redirect anywhere else."""
         target = target or ""
         parts = urlsplit(target)
-        prefix = f"/{self.area}/"
-        if parts.scheme or parts.netloc or "\\" in target or not parts.path.startswith(prefix):
+        if parts.scheme or parts.netloc or "\\" in target or not parts.path.startswith(self.path):
             return url_for(f"{self.area}.index")
         return parts.path + (f"?{parts.query}" if parts.query else "")
 
@@ -76,7 +80,7 @@ class SignIn:
             self.cookie,
             self.derived(self.cookie_label),
             max_age=COOKIE_MAX_AGE,
-            path=f"/{self.area}/",
+            path=self.path,
             httponly=True,
             samesite="Lax",
             secure=request.is_secure,
